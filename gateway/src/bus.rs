@@ -1,0 +1,93 @@
+//! The bus: how messages reach this node and how client publishes leave it.
+//!
+//! Two implementations behind one handle: [`memory`] (one node, in-process; the default when
+//! no `redis.url` is configured) and [`redis`] (one pub/sub connection per node multiplexing
+//! every channel a local session wants, plus a command pool for publishes). The bus knows
+//! channels and payloads, never sockets; messages it receives go to the [`Hub`].
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Why a publish failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    #[error("redis timed out")]
+    Timeout,
+}
+
+/// A cheap-to-clone handle on the node's bus.
+#[derive(Clone)]
+pub enum Bus {
+    Memory(Arc<memory::MemoryBus>),
+    Redis(Arc<redis::RedisBus>),
+}
+
+impl Bus {
+    /// Start the bus the configuration asks for. The Redis bus connects in the background:
+    /// the node serves (and reports not-ready) while Redis is unreachable.
+    pub fn start(
+        config: &Config,
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Bus {
+        match &config.redis.url {
+            None => Bus::Memory(Arc::new(memory::MemoryBus::new(hub, metrics))),
+            Some(_) => Bus::Redis(redis::RedisBus::start(
+                &config.redis,
+                hub,
+                metrics,
+                shutdown,
+            )),
+        }
+    }
+
+    /// The hub has its first local subscriber for `channel`. The returned receiver completes
+    /// once the node receives the channel's messages (an error means "as soon as Redis is
+    /// back"); `None` when that is already the case.
+    pub fn want(&self, channel: &str) -> Option<oneshot::Receiver<()>> {
+        match self {
+            Bus::Memory(_) => None,
+            Bus::Redis(bus) => Some(bus.want(channel)),
+        }
+    }
+
+    /// The last local subscriber of `channel` left.
+    pub fn release(&self, channel: &str) {
+        match self {
+            Bus::Memory(_) => {}
+            Bus::Redis(bus) => bus.release(channel),
+        }
+    }
+
+    /// Publish `payload` on `channel` to every node.
+    pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(bus) => {
+                bus.publish(channel, payload);
+                Ok(())
+            }
+            Bus::Redis(bus) => bus.publish(channel, payload).await,
+        }
+    }
+
+    /// Whether the node can do its job: the pub/sub connection is up and every wanted channel
+    /// is subscribed.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Bus::Memory(_) => true,
+            Bus::Redis(bus) => bus.is_ready(),
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The gateway's configuration: one typed struct loaded by the `config` crate from defaults,
+//! then an optional TOML file, then `GATEWAY__…` environment variables, then command-line
+//! overrides; validated completely before anything binds (SPEC §4).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol;
+
+/// Keys whose environment values are split on commas (and only these, so that secrets may
+/// contain commas).
+const LIST_KEYS: &[&str] = &["origins", "client_publish", "default_channels"];
+
+/// Why the configuration was refused. The message always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Public address: `/ws`, the demo page, `/healthz`, `/readyz`.
+    pub listen: String,
+    /// Operator address: `/metrics`, `/healthz`, `/readyz`.
+    pub admin_listen: String,
+    /// Name reported in `welcome` frames; defaults to the host name.
+    pub node_name: Option<String>,
+    pub redis: RedisConfig,
+    /// Emit the `ticks` channel from this node; unset = on with the memory bus only.
+    pub ticks: Option<bool>,
+    /// Interval of the node's own ticks.
+    pub tick_interval_ms: u64,
+    /// Channel patterns clients may publish to.
+    pub client_publish: Vec<String>,
+    /// Channels of a session that names none.
+    pub default_channels: Vec<String>,
+    /// Allowed browser origins: empty = same host only; `*` = any; `*.example.com` patterns.
+    pub origins: Vec<String>,
+    pub limits: Limits,
+    pub heartbeat: Heartbeat,
+    /// How long shutdown waits for sessions to close.
+    pub drain_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://…`; unset = the in-process memory bus (single node).
+    pub url: Option<String>,
+    /// Prefix prepended to every Redis channel name.
+    pub prefix: String,
+    /// Size of the command pool (client publishes).
+    pub pool_size: usize,
+    /// How often the pub/sub connection is proven alive with a PING.
+    pub ping_interval_ms: u64,
+    /// How long a PING, connect or SUBSCRIBE may take before the connection is replaced.
+    pub timeout_ms: u64,
+    /// Reconnect backoff bounds (exponential, full jitter).
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Delay between the last local subscriber leaving and the UNSUBSCRIBE.
+    pub unsubscribe_delay_ms: u64,
+    /// Channels per SUBSCRIBE when resubscribing after a reconnect.
+    pub resubscribe_batch: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub send_queue_bytes: usize,
+    /// Client publishes per second (token bucket refill).
+    pub publish_rate: f64,
+    /// Token bucket size.
+    pub publish_burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Heartbeat {
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "0.0.0.0:9091".into(),
+            node_name: None,
+            redis: RedisConfig::default(),
+            ticks: None,
+            tick_interval_ms: 1000,
+            client_publish: vec!["chat:*".into()],
+            default_channels: vec!["ticks".into()],
+            origins: Vec::new(),
+            limits: Limits::default(),
+            heartbeat: Heartbeat::default(),
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            prefix: String::new(),
+            pool_size: 16,
+            ping_interval_ms: 3000,
+            timeout_ms: 2000,
+            backoff_min_ms: 100,
+            backoff_max_ms: 5000,
+            unsubscribe_delay_ms: 1000,
+            resubscribe_batch: 500,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            max_message_bytes: 65_536,
+            max_subscriptions: 128,
+            send_queue_bytes: 1_048_576,
+            publish_rate: 20.0,
+            publish_burst: 40,
+        }
+    }
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 60_000,
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Load from defaults, then `file` (TOML), then `GATEWAY__…` environment variables, then
+    /// `overrides` (key, value) pairs from the command line; then validate.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Config, ConfigError> {
+        Self::load_from_env(file, overrides, None)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests use this to check a
+    /// compose file's variables through the real loader).
+    pub fn load_from_env(
+        file: Option<&Path>,
+        overrides: &[(&str, String)],
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let mut environment = config::Environment::with_prefix("GATEWAY")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .ignore_empty(true)
+            .list_separator(",");
+        for key in LIST_KEYS {
+            environment = environment.with_list_parse_key(key);
+        }
+        if let Some(env) = env {
+            environment = environment.source(Some(env.into_iter().collect()));
+        }
+        builder = builder.add_source(environment);
+        for (key, value) in overrides {
+            builder = builder.set_override(*key, value.clone())?;
+        }
+        let config: Config = builder.build()?.try_deserialize()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check every value; the first problem found is reported with its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_addr("listen", &self.listen)?;
+        parse_addr("admin_listen", &self.admin_listen)?;
+        if let Some(name) = &self.node_name {
+            if name.is_empty() || name.len() > 128 {
+                return Err(invalid("node_name", "must be 1-128 characters"));
+            }
+        }
+        if let Some(url) = &self.redis.url {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+            {
+                return Err(invalid(
+                    "redis.url",
+                    format!("`{url}` is not a redis:// URL"),
+                ));
+            }
+            deadpool_redis::redis::Client::open(url.as_str())
+                .map_err(|e| invalid("redis.url", e.to_string()))?;
+        }
+        if self.redis.prefix.len() > 64 {
+            return Err(invalid("redis.prefix", "must be at most 64 characters"));
+        }
+        positive("redis.pool_size", self.redis.pool_size as u64)?;
+        positive("redis.ping_interval_ms", self.redis.ping_interval_ms)?;
+        positive("redis.timeout_ms", self.redis.timeout_ms)?;
+        positive("redis.backoff_min_ms", self.redis.backoff_min_ms)?;
+        if self.redis.backoff_max_ms < self.redis.backoff_min_ms {
+            return Err(invalid(
+                "redis.backoff_max_ms",
+                "must be at least redis.backoff_min_ms",
+            ));
+        }
+        positive(
+            "redis.resubscribe_batch",
+            self.redis.resubscribe_batch as u64,
+        )?;
+        positive("tick_interval_ms", self.tick_interval_ms)?;
+        for pattern in &self.client_publish {
+            let literal = pattern.replace('*', "x");
+            if pattern.is_empty() || !protocol::valid_channel(&literal) {
+                return Err(invalid(
+                    "client_publish",
+                    format!("`{pattern}` is not a channel pattern"),
+                ));
+            }
+        }
+        for channel in &self.default_channels {
+            if !protocol::valid_channel(channel) {
+                return Err(invalid(
+                    "default_channels",
+                    format!("`{channel}` is not a valid channel name"),
+                ));
+            }
+        }
+        for origin in &self.origins {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(invalid(
+                    "origins",
+                    format!("`{origin}` must be `*` or start with http:// or https://"),
+                ));
+            }
+        }
+        positive("limits.max_connections", self.limits.max_connections as u64)?;
+        if self.limits.max_message_bytes < 128 {
+            return Err(invalid("limits.max_message_bytes", "must be at least 128"));
+        }
+        if self.limits.send_queue_bytes < 1024 {
+            return Err(invalid("limits.send_queue_bytes", "must be at least 1024"));
+        }
+        if !(self.limits.publish_rate.is_finite() && self.limits.publish_rate > 0.0) {
+            return Err(invalid("limits.publish_rate", "must be a positive number"));
+        }
+        positive("limits.publish_burst", u64::from(self.limits.publish_burst))?;
+        positive(
+            "heartbeat.ping_interval_ms",
+            self.heartbeat.ping_interval_ms,
+        )?;
+        if self.heartbeat.ping_timeout_ms <= self.heartbeat.ping_interval_ms {
+            return Err(invalid(
+                "heartbeat.ping_timeout_ms",
+                "must be larger than heartbeat.ping_interval_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        parse_addr("listen", &self.listen).expect("validated")
+    }
+
+    pub fn admin_listen_addr(&self) -> SocketAddr {
+        parse_addr("admin_listen", &self.admin_listen).expect("validated")
+    }
+
+    /// The node's name: configured, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(host_name)
+    }
+
+    /// Whether this node emits ticks itself.
+    pub fn ticks_enabled(&self) -> bool {
+        self.ticks.unwrap_or(self.redis.url.is_none())
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat.ping_interval_ms)
+    }
+
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat.ping_timeout_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{value}` is not an address like 0.0.0.0:8080"),
+        )
+    })
+}
+
+fn positive(key: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(invalid(key, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::load_from_env(None, &[], env(&[])).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080");
+        assert_eq!(c.admin_listen, "0.0.0.0:9091");
+        assert_eq!(c.client_publish, vec!["chat:*"]);
+        assert_eq!(c.default_channels, vec!["ticks"]);
+        assert_eq!(c.limits.max_connections, 100_000);
+        assert_eq!(c.limits.send_queue_bytes, 1_048_576);
+        assert!(c.ticks_enabled());
+    }
+
+    #[test]
+    fn environment_overrides_and_lists() {
+        let c = Config::load_from_env(
+            None,
+            &[],
+            env(&[
+                ("GATEWAY__REDIS__URL", "redis://127.0.0.1:6379"),
+                ("GATEWAY__LIMITS__MAX_CONNECTIONS", "7"),
+                (
+                    "GATEWAY__ORIGINS",
+                    "https://a.example.com,https://*.example.com",
+                ),
+                ("GATEWAY__NODE_NAME", "gw,1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert_eq!(c.limits.max_connections, 7);
+        assert_eq!(c.origins.len(), 2);
+        assert_eq!(c.node_name.as_deref(), Some("gw,1"));
+        assert!(!c.ticks_enabled());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e =
+            Config::load_from_env(None, &[], env(&[("GATEWAY__LIMITS__NOPE", "1")])).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        let e = Config::load_from_env(None, &[], env(&[("GATEWAY__LIMITS__MAX_CONNECTIONS", "x")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("max_connections"), "{e}");
+        let e =
+            Config::load_from_env(None, &[], env(&[("GATEWAY__LISTEN", "nowhere")])).unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+}

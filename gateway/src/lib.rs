@@ -1,0 +1,32 @@
+//! A horizontally scalable WebSocket push gateway node.
+//!
+//! Clients connect over WebSocket and subscribe to channels; producers publish to Redis; every
+//! node delivers every message to its own local subscribers. The contract is SPEC.md; the
+//! bird's-eye view is ARCHITECTURE.md.
+//!
+//! # Layout
+//!
+//! - [`server`]: the node's shared state, HTTP routes, the upgrade, [`run`] and the drain.
+//! - [`session`]: one WebSocket's life (reader, batched writer, heartbeat, close codes).
+//! - [`outbox`]: a session's outbound queue, bounded in bytes.
+//! - [`hub`]: channel → local subscribers; builds each message frame once and fans it out.
+//! - [`bus`]: Redis pub/sub (or the in-process memory bus): subscribe, resubscribe, reconnect.
+//! - [`protocol`]: client and server frames, close codes, channel names and patterns.
+//! - [`origin`]: the browser Origin allowlist.
+//! - [`config`], [`metrics`], [`shutdown`], [`ticker`], [`cli`].
+
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod origin;
+pub mod outbox;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod ticker;
+
+pub use config::Config;
+pub use server::{run, RunError};

@@ -1,0 +1,139 @@
+//! The node's Prometheus metrics (names from SPEC §4) in one registry owned by the node, plus
+//! the standard `process_*` collector. Labels are small fixed sets: never a channel name or a
+//! client id.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+/// Every metric the gateway exports. Cloning the handles is cheap (they are `Arc`s inside).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub connections_total: IntCounter,
+    pub disconnects: IntCounterVec,
+    pub subscriptions: IntGauge,
+    pub channels: IntGauge,
+    pub messages_received: IntCounter,
+    pub messages_delivered: IntCounter,
+    pub messages_dropped: IntCounterVec,
+    pub client_frames: IntCounterVec,
+    pub delivery_latency: Histogram,
+    pub redis_connected: IntGauge,
+    pub redis_reconnects: IntCounter,
+}
+
+/// Values of the `reason` label of `gateway_disconnects_total`.
+pub mod reason {
+    pub const CLIENT_CLOSE: &str = "client_close";
+    pub const SHUTDOWN: &str = "shutdown";
+    pub const SLOW_CONSUMER: &str = "slow_consumer";
+    pub const HEARTBEAT_TIMEOUT: &str = "heartbeat_timeout";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const MESSAGE_TOO_BIG: &str = "message_too_big";
+    pub const PROTOCOL_ERROR: &str = "protocol_error";
+    pub const BINARY_FRAME: &str = "binary_frame";
+    pub const INVALID_UTF8: &str = "invalid_utf8";
+    pub const MAX_CONNECTIONS: &str = "max_connections";
+    pub const IO_ERROR: &str = "io_error";
+    /// `gateway_messages_dropped_total` only: frames still queued when their session ended.
+    pub const SESSION_CLOSED: &str = "session_closed";
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let m = Metrics {
+            connections: IntGauge::new("gateway_connections", "Open client sessions").unwrap(),
+            connections_total: IntCounter::new("gateway_connections_total", "Client sessions accepted")
+                .unwrap(),
+            disconnects: IntCounterVec::new(
+                Opts::new("gateway_disconnects_total", "Sessions ended, by reason"),
+                &["reason"],
+            )
+            .unwrap(),
+            subscriptions: IntGauge::new("gateway_subscriptions", "Session subscriptions on this node")
+                .unwrap(),
+            channels: IntGauge::new("gateway_channels", "Redis channels this node is subscribed to")
+                .unwrap(),
+            messages_received: IntCounter::new("gateway_messages_received_total", "Messages from the bus")
+                .unwrap(),
+            messages_delivered: IntCounter::new(
+                "gateway_messages_delivered_total",
+                "Message frames queued to sessions",
+            )
+            .unwrap(),
+            messages_dropped: IntCounterVec::new(
+                Opts::new("gateway_messages_dropped_total", "Message frames dropped, by reason"),
+                &["reason"],
+            )
+            .unwrap(),
+            client_frames: IntCounterVec::new(
+                Opts::new("gateway_client_frames_total", "Frames received from clients, by type"),
+                &["type"],
+            )
+            .unwrap(),
+            delivery_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "gateway_delivery_latency_seconds",
+                    "Publish time (when known, else arrival at the node) to frame written to the socket",
+                )
+                // 100 µs … ~13 s.
+                .buckets(exponential_buckets(0.0001, 2.0, 18).unwrap()),
+            )
+            .unwrap(),
+            redis_connected: IntGauge::new("gateway_redis_connected", "1 while the Redis pub/sub connection is up")
+                .unwrap(),
+            redis_reconnects: IntCounter::new("gateway_redis_reconnects_total", "Redis pub/sub reconnections")
+                .unwrap(),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.connections.clone()),
+            Box::new(m.connections_total.clone()),
+            Box::new(m.disconnects.clone()),
+            Box::new(m.subscriptions.clone()),
+            Box::new(m.channels.clone()),
+            Box::new(m.messages_received.clone()),
+            Box::new(m.messages_delivered.clone()),
+            Box::new(m.messages_dropped.clone()),
+            Box::new(m.client_frames.clone()),
+            Box::new(m.delivery_latency.clone()),
+            Box::new(m.redis_connected.clone()),
+            Box::new(m.redis_reconnects.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        // Make the labelled series visible at zero so dashboards and alerts see them from start.
+        for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {
+            m.messages_dropped.with_label_values(&[r]);
+        }
+        for r in [
+            reason::CLIENT_CLOSE,
+            reason::SHUTDOWN,
+            reason::SLOW_CONSUMER,
+            reason::HEARTBEAT_TIMEOUT,
+        ] {
+            m.disconnects.with_label_values(&[r]);
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on a malformed metric family, which cannot happen here.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

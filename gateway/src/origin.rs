@@ -1,0 +1,71 @@
+//! The Origin allowlist for browser clients (SPEC §6). A request without an `Origin` header
+//! is a non-browser client and is not subject to it.
+
+use axum::http::{header, HeaderMap};
+
+/// Check the request's `Origin` against `allowed`: empty = same host only (the Origin's
+/// host[:port] equals the `Host` header), `*` = any, `https://*.example.com` = any subdomain,
+/// anything else = exact match.
+pub fn check(allowed: &[String], headers: &HeaderMap) -> Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin
+        .to_str()
+        .map_err(|_| "Origin header is not ASCII".to_owned())?;
+    if allows(
+        allowed,
+        origin,
+        headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+    ) {
+        Ok(())
+    } else {
+        Err(format!("origin {origin} is not allowed"))
+    }
+}
+
+fn allows(allowed: &[String], origin: &str, host: Option<&str>) -> bool {
+    if allowed.is_empty() {
+        let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
+        return host.is_some_and(|h| h.eq_ignore_ascii_case(origin_host));
+    }
+    allowed.iter().any(|pattern| {
+        if pattern == "*" {
+            return true;
+        }
+        match pattern.split_once("://*.") {
+            Some((scheme, domain)) => origin
+                .strip_prefix(scheme)
+                .and_then(|rest| rest.strip_prefix("://"))
+                .and_then(|host| host.strip_suffix(domain))
+                .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
+            None => pattern.eq_ignore_ascii_case(origin),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allows;
+
+    #[test]
+    fn same_host_by_default() {
+        assert!(allows(&[], "http://localhost:8080", Some("localhost:8080")));
+        assert!(!allows(&[], "http://evil.example", Some("localhost:8080")));
+        assert!(!allows(&[], "http://localhost:8080", None));
+    }
+
+    #[test]
+    fn patterns() {
+        let list = vec![
+            "https://app.example.com".to_owned(),
+            "https://*.example.org".to_owned(),
+        ];
+        assert!(allows(&list, "https://app.example.com", None));
+        assert!(allows(&list, "https://a.b.example.org", None));
+        assert!(!allows(&list, "https://example.org", None));
+        assert!(!allows(&list, "http://a.example.org", None));
+        assert!(!allows(&list, "https://evilexample.org", None));
+        assert!(allows(&["*".to_owned()], "https://anything", None));
+    }
+}

@@ -1,0 +1,416 @@
+//! The client protocol (SPEC §2): frames clients send, frames the server sends, close codes,
+//! channel-name rules and channel patterns. Pure functions only: nothing here touches a socket.
+//!
+//! Server frames are written by hand into strings rather than through `serde_json::to_string`
+//! on a struct, because the message frame is built once per published message and embeds the
+//! payload verbatim; every string that did not come from a validated channel name is escaped
+//! through `serde_json`.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest channel name accepted (SPEC §2).
+pub const MAX_CHANNEL_LEN: usize = 128;
+
+/// Prefix of every client's personal channel.
+pub const PERSONAL_PREFIX: &str = "user:";
+
+// === close codes ===
+
+/// WebSocket close codes the gateway uses (SPEC §2 table).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    pub const SLOW_CONSUMER: u16 = 4000;
+    pub const HEARTBEAT_TIMEOUT: u16 = 4001;
+    pub const RATE_LIMITED: u16 = 4029;
+    pub const UNAUTHORIZED: u16 = 4401;
+    pub const FORBIDDEN_ORIGIN: u16 = 4403;
+}
+
+// === channel names and patterns ===
+
+/// Whether `name` is a valid channel: 1–128 chars of `A-Z a-z 0-9 _ - . : @`.
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_CHANNEL_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
+}
+
+/// Whether a client id is usable: it becomes part of the personal channel `user:<id>`, so it
+/// must keep that channel valid.
+pub fn valid_client_id(id: &str) -> bool {
+    !id.is_empty() && valid_channel(id) && id.len() + PERSONAL_PREFIX.len() <= MAX_CHANNEL_LEN
+}
+
+/// The personal channel of a client.
+pub fn personal_channel(client_id: &str) -> String {
+    format!("{PERSONAL_PREFIX}{client_id}")
+}
+
+/// Glob match where `*` matches any run of characters (including none); everything else is
+/// literal. Used for `client_publish` patterns such as `chat:*`.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    // Position of the last `*` seen and the name index it was tried at, for backtracking.
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
+}
+
+/// Whether any of `patterns` matches `name`.
+pub fn any_matches(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| pattern_matches(p, name))
+}
+
+// === client frames ===
+
+/// A frame a client sent, parsed and validated for shape (not yet for permission).
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Subscribe {
+        channel: String,
+        id: Option<&'a RawValue>,
+        since: Option<String>,
+    },
+    Unsubscribe {
+        channel: String,
+        id: Option<&'a RawValue>,
+    },
+    Publish {
+        channel: String,
+        data: &'a RawValue,
+        id: Option<&'a RawValue>,
+    },
+    Ping {
+        id: Option<&'a RawValue>,
+    },
+}
+
+/// Why a client frame was refused. Each maps to an `error` frame code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame is not a JSON object: {0}")]
+    BadJson(String),
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("unknown frame type `{0}`")]
+    UnknownType(String),
+    #[error("invalid channel name `{0}`: 1-128 chars of A-Z a-z 0-9 _ - . : @")]
+    BadChannel(String),
+    #[error("`id` must be a number or a string")]
+    BadId,
+}
+
+impl FrameError {
+    /// The `code` field of the error frame.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::BadJson(_) => "bad_json",
+            FrameError::MissingField(_) | FrameError::BadId => "bad_frame",
+            FrameError::UnknownType(_) => "unknown_type",
+            FrameError::BadChannel(_) => "bad_channel",
+        }
+    }
+}
+
+/// The wire shape of every client frame; fields unused by a type are ignored.
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    channel: Option<String>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    since: Option<String>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Best-effort extraction of a request id from a frame that failed to parse, so that the
+/// error frame can still echo it.
+pub fn salvage_id(text: &str) -> Option<&RawValue> {
+    #[derive(Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<IdOnly>(text)
+        .ok()
+        .and_then(|f| f.id)
+        .filter(|id| id_is_scalar(id))
+}
+
+fn id_is_scalar(id: &RawValue) -> bool {
+    matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
+}
+
+/// Parse one client text frame.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
+    let raw: RawFrame =
+        serde_json::from_str(text).map_err(|e| FrameError::BadJson(e.to_string()))?;
+    if let Some(id) = raw.id {
+        if !id_is_scalar(id) {
+            return Err(FrameError::BadId);
+        }
+    }
+    let kind = raw.kind.ok_or(FrameError::MissingField("type"))?;
+    let channel = || -> Result<String, FrameError> {
+        let c = raw
+            .channel
+            .clone()
+            .ok_or(FrameError::MissingField("channel"))?;
+        if valid_channel(&c) {
+            Ok(c)
+        } else {
+            Err(FrameError::BadChannel(truncate(&c, 64)))
+        }
+    };
+    match kind.as_ref() {
+        "subscribe" => Ok(ClientFrame::Subscribe {
+            channel: channel()?,
+            id: raw.id,
+            since: raw.since,
+        }),
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe {
+            channel: channel()?,
+            id: raw.id,
+        }),
+        "publish" => Ok(ClientFrame::Publish {
+            channel: channel()?,
+            data: raw.data.ok_or(FrameError::MissingField("data"))?,
+            id: raw.id,
+        }),
+        "ping" => Ok(ClientFrame::Ping { id: raw.id }),
+        other => Err(FrameError::UnknownType(truncate(other, 64))),
+    }
+}
+
+/// Cut a client-supplied string for an error message, on a char boundary.
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+// === server frames ===
+
+/// Append `s` as a JSON string literal.
+fn push_json_str(out: &mut String, s: &str) {
+    // Serializing a &str into a String cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+}
+
+fn push_id(out: &mut String, id: Option<&RawValue>) {
+    if let Some(id) = id {
+        out.push_str(r#","id":"#);
+        out.push_str(id.get());
+    }
+}
+
+/// `{"type":"message","channel":…,"data":…}`: `data` is the payload verbatim when it is valid
+/// JSON, else the payload as a JSON string (invalid UTF-8 replaced).
+pub fn message_frame(channel: &str, payload: &[u8], offset: Option<&str>) -> String {
+    let mut out = String::with_capacity(48 + channel.len() + payload.len());
+    out.push_str(r#"{"type":"message","channel":"#);
+    push_json_str(&mut out, channel);
+    out.push_str(r#","data":"#);
+    match std::str::from_utf8(payload) {
+        Ok(text) if serde_json::from_str::<&RawValue>(text).is_ok() => out.push_str(text.trim()),
+        Ok(text) => push_json_str(&mut out, text),
+        Err(_) => push_json_str(&mut out, &String::from_utf8_lossy(payload)),
+    }
+    if let Some(offset) = offset {
+        out.push_str(r#","offset":"#);
+        push_json_str(&mut out, offset);
+    }
+    out.push('}');
+    out
+}
+
+/// `{"type":"welcome",…}`; `channels` lists what the session was subscribed to at connect.
+pub fn welcome_frame(session: &str, client_id: &str, node: &str, channels: &[String]) -> String {
+    let mut out = String::from(r#"{"type":"welcome","session":"#);
+    push_json_str(&mut out, session);
+    out.push_str(r#","client_id":"#);
+    push_json_str(&mut out, client_id);
+    out.push_str(r#","node":"#);
+    push_json_str(&mut out, node);
+    out.push_str(r#","channels":["#);
+    for (i, c) in channels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(&mut out, c);
+    }
+    out.push_str("]}");
+    out
+}
+
+/// `{"type":"subscribed"|"unsubscribed","channel":…,"id":…}`.
+pub fn ack_frame(kind: &str, channel: &str, id: Option<&RawValue>) -> String {
+    let mut out = String::from(r#"{"type":"#);
+    push_json_str(&mut out, kind);
+    out.push_str(r#","channel":"#);
+    push_json_str(&mut out, channel);
+    push_id(&mut out, id);
+    out.push('}');
+    out
+}
+
+/// `{"type":"pong","id":…}`.
+pub fn pong_frame(id: Option<&RawValue>) -> String {
+    let mut out = String::from(r#"{"type":"pong""#);
+    push_id(&mut out, id);
+    out.push('}');
+    out
+}
+
+/// `{"type":"published","channel":…,"id":…}`: the acknowledgement of a client publish.
+pub fn published_frame(channel: &str, id: Option<&RawValue>) -> String {
+    ack_frame("published", channel, id)
+}
+
+/// `{"type":"error","code":…,"message":…,"id":…}`; `channel` is added when the error is about
+/// one channel.
+pub fn error_frame(
+    code: &str,
+    message: &str,
+    channel: Option<&str>,
+    id: Option<&RawValue>,
+) -> String {
+    let mut out = String::from(r#"{"type":"error","code":"#);
+    push_json_str(&mut out, code);
+    out.push_str(r#","message":"#);
+    push_json_str(&mut out, message);
+    if let Some(channel) = channel {
+        out.push_str(r#","channel":"#);
+        push_json_str(&mut out, channel);
+    }
+    push_id(&mut out, id);
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names() {
+        assert!(valid_channel("ticks"));
+        assert!(valid_channel("chat:lobby"));
+        assert!(valid_channel("a.b-c_d@e:1"));
+        assert!(valid_channel(&"x".repeat(128)));
+        assert!(!valid_channel(&"x".repeat(129)));
+        assert!(!valid_channel(""));
+        assert!(!valid_channel("a b"));
+        assert!(!valid_channel("a,b"));
+        assert!(!valid_channel("é"));
+        assert!(!valid_channel("a*"));
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("chat:*", "chat:lobby"));
+        assert!(pattern_matches("chat:*", "chat:"));
+        assert!(!pattern_matches("chat:*", "chatroom"));
+        assert!(pattern_matches("*", "anything"));
+        assert!(pattern_matches("a*b*c", "aXXbYYc"));
+        assert!(!pattern_matches("a*b*c", "aXXbYY"));
+        assert!(pattern_matches("exact", "exact"));
+        assert!(!pattern_matches("exact", "exactly"));
+        assert!(pattern_matches("*:lobby", "chat:lobby"));
+    }
+
+    #[test]
+    fn parses_frames() {
+        match parse_client_frame(r#"{"type":"subscribe","channel":"room:42","id":7}"#) {
+            Ok(ClientFrame::Subscribe { channel, id, .. }) => {
+                assert_eq!(channel, "room:42");
+                assert_eq!(id.map(|i| i.get()), Some("7"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_client_frame(r#"{"type":"publish","channel":"chat:a","data":{"text":"hi"}}"#) {
+            Ok(ClientFrame::Publish { data, .. }) => assert_eq!(data.get(), r#"{"text":"hi"}"#),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_client_frame("not json").unwrap_err().code(),
+            "bad_json"
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"nope"}"#).unwrap_err().code(),
+            "unknown_type"
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"subscribe","channel":"bad name"}"#)
+                .unwrap_err()
+                .code(),
+            "bad_channel"
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"channel":"x"}"#).unwrap_err().code(),
+            "bad_frame"
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ping","id":{"a":1}}"#)
+                .unwrap_err()
+                .code(),
+            "bad_frame"
+        );
+        assert_eq!(parse_client_frame("[1,2]").unwrap_err().code(), "bad_json");
+    }
+
+    #[test]
+    fn message_frames_embed_json_verbatim() {
+        let f = message_frame("alerts", br#"{"level":"critical"}"#, None);
+        assert_eq!(
+            f,
+            r#"{"type":"message","channel":"alerts","data":{"level":"critical"}}"#
+        );
+        let f = message_frame("logs", b"plain \"text\"", None);
+        assert_eq!(
+            f,
+            r#"{"type":"message","channel":"logs","data":"plain \"text\""}"#
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&message_frame("x", &[0xff, b'a'], Some("e:1-0"))).unwrap();
+        assert_eq!(v["data"], "\u{fffd}a");
+        assert_eq!(v["offset"], "e:1-0");
+    }
+
+    #[test]
+    fn error_frame_is_json() {
+        let id = salvage_id(r#"{"id":"abc","type":5}"#);
+        let v: serde_json::Value =
+            serde_json::from_str(&error_frame("bad", "quote \" here", Some("c"), id)).unwrap();
+        assert_eq!(v["id"], "abc");
+        assert_eq!(v["message"], "quote \" here");
+    }
+}

@@ -1,0 +1,333 @@
+//! The node: shared state, the public and admin HTTP routers, the WebSocket upgrade, and
+//! [`run`], which serves both listeners until shutdown and then drains.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::hub::{Hub, SessionId};
+use crate::metrics::Metrics;
+use crate::{origin, protocol, session, ticker};
+
+/// Size of tungstenite's read buffer per connection. Client frames are small; the default
+/// (128 KiB, zero-filled on first read) would cost that much RSS per idle connection.
+const READ_BUFFER: usize = 4 * 1024;
+/// tungstenite writes once its buffer holds this much; the session's `flush` writes the rest.
+/// Batches larger than this go out in several writes; the buffer keeps its capacity, so it is
+/// kept small for memory per connection.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Why the node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("serving {0}: {1}")]
+    Serve(&'static str, std::io::Error),
+}
+
+/// State shared by every session and handler of one node.
+pub struct Node {
+    pub config: Config,
+    pub node_name: String,
+    pub hub: Arc<Hub>,
+    pub bus: Bus,
+    pub metrics: Metrics,
+    /// Cancelled when the node drains: every session closes with 1001.
+    pub sessions_shutdown: CancellationToken,
+    /// Sessions in flight, for the bounded drain.
+    tracker: TaskTracker,
+    /// Set at shutdown: `/readyz` answers 503, upgrades are refused.
+    draining: AtomicBool,
+    connections: AtomicUsize,
+    next_session: AtomicU64,
+}
+
+/// Holds one of the node's `max_connections` slots; released on drop.
+pub struct ConnectionSlot {
+    node: Arc<Node>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::Relaxed);
+        self.node.metrics.connections.dec();
+    }
+}
+
+// === impl Node ===
+
+impl Node {
+    /// Take a connection slot, or None at `limits.max_connections`.
+    pub fn connection_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let max = self.config.limits.max_connections;
+        let taken = self
+            .connections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            });
+        taken.ok().map(|_| {
+            self.metrics.connections.inc();
+            ConnectionSlot { node: self.clone() }
+        })
+    }
+
+    pub fn next_session_id(&self) -> SessionId {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.bus.is_ready()
+    }
+}
+
+/// Serve `listener` (clients) and `admin_listener` (operators) until `shutdown` is cancelled,
+/// then drain: `/readyz` turns 503, no new connections, every session closes with 1001, and
+/// the node waits up to `drain_timeout_ms` for them before returning.
+pub async fn run(
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let metrics = Metrics::new();
+    let hub = Arc::new(Hub::new(metrics.clone()));
+    // The bus and the ticker outlive the sessions' drain, so they have their own token.
+    let background = CancellationToken::new();
+    let bus = Bus::start(&config, hub.clone(), metrics.clone(), background.clone());
+    if config.ticks_enabled() {
+        tokio::spawn(ticker::run(
+            bus.clone(),
+            std::time::Duration::from_millis(config.tick_interval_ms),
+            background.clone(),
+        ));
+    }
+    let node = Arc::new(Node {
+        node_name: config.node_name(),
+        config,
+        hub,
+        bus,
+        metrics,
+        sessions_shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        draining: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+        next_session: AtomicU64::new(1),
+    });
+    tracing::info!(
+        node = %node.node_name,
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        bus = if node.config.redis.url.is_some() { "redis" } else { "memory" },
+        "gateway serving"
+    );
+
+    let admin_stop = CancellationToken::new();
+    let admin = tokio::spawn(
+        axum::serve(admin_listener, admin_router(node.clone()))
+            .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let public = axum::serve(
+        listener,
+        public_router(node.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown({
+        let node = node.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            node.draining.store(true, Ordering::Relaxed);
+        }
+    });
+    let served = public.await;
+
+    // Drain: close every session with 1001 and wait for them, bounded.
+    node.draining.store(true, Ordering::Relaxed);
+    node.sessions_shutdown.cancel();
+    node.tracker.close();
+    let open = node.tracker.len();
+    if tokio::time::timeout(node.config.drain_timeout(), node.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = node.tracker.len(),
+            "drain timeout: sessions still open"
+        );
+    } else {
+        tracing::info!(closed = open, "drained");
+    }
+    background.cancel();
+    admin_stop.cancel();
+    let _ = admin.await;
+    served.map_err(|e| RunError::Serve("listen", e))
+}
+
+// === routers ===
+
+fn public_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/ws", get(ws_handler))
+        .route("/websocket", get(ws_handler))
+        .route("/", get(index))
+        .route("/client.js", get(client_js))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(node)
+}
+
+fn admin_router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(node)
+}
+
+/// A JSON error body: `{"error":code,"message":…}`.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "error": code, "message": message.into() })),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn healthz() -> Response {
+    Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let draining = node.draining.load(Ordering::Relaxed);
+    let bus = node.bus.is_ready();
+    let status = if node.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({
+            "ready": status == StatusCode::OK,
+            "draining": draining,
+            "bus": if bus { "up" } else { "down" },
+            "node": node.node_name,
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../assets/index.html"),
+    )
+        .into_response()
+}
+
+async fn client_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../assets/client.js"),
+    )
+        .into_response()
+}
+
+/// Query parameters of `/ws` (SPEC §2). `Id` is the seed page's spelling of `client_id`.
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    channels: Option<String>,
+    client_id: Option<String>,
+    #[serde(rename = "Id")]
+    id: Option<String>,
+}
+
+async fn ws_handler(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(e) => return error(e.status(), "not_websocket", e.body_text()),
+    };
+    if node.draining.load(Ordering::Relaxed) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "node is shutting down",
+        );
+    }
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
+    };
+    if let Err(message) = origin::check(&node.config.origins, &headers) {
+        return error(StatusCode::FORBIDDEN, "origin_not_allowed", message);
+    }
+    let client_id = match query.client_id.or(query.id) {
+        Some(id) if protocol::valid_client_id(&id) => id,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_client_id",
+                "client_id must be 1-123 chars of A-Z a-z 0-9 _ - . : @",
+            )
+        }
+        None => uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let channels: Vec<String> = query
+        .channels
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let limits = &node.config.limits;
+    let params = session::Params {
+        client_id,
+        channels,
+        peer,
+    };
+    let tracker = node.tracker.clone();
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(limits.max_message_bytes)
+        .max_frame_size(limits.max_message_bytes)
+        .on_upgrade(move |socket| tracker.track_future(session::run(socket, node, params)))
+}

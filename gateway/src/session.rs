@@ -1,0 +1,516 @@
+//! One client WebSocket's life: subscriptions at connect, the welcome frame, then one task
+//! that selects over the socket (client frames), the outbox (fan-out), the heartbeat and the
+//! node's shutdown, and finally the close code and the cleanup.
+//!
+//! A session is exactly one task. The writer drains the whole outbox per wake-up and writes
+//! it with `feed` + one `flush`, so frames queued together leave in one `write()`. Every write
+//! is guarded: a client that stops reading cannot pin the task, because overflow of its
+//! outbox, the heartbeat deadline and shutdown all interrupt the write.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
+use serde_json::value::RawValue;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite;
+
+use crate::hub::{SessionId, Subscribed, Unsubscribed};
+use crate::metrics::reason;
+use crate::outbox::{Frame, Outbox};
+use crate::protocol::{self, close, ClientFrame};
+use crate::server::Node;
+
+/// How long a closing session waits for its close frame to be written and answered.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the client asked for in the upgrade request, already validated where it could be.
+pub struct Params {
+    pub client_id: String,
+    /// Channels named in the query (not yet validated); empty = `default_channels`.
+    pub channels: Vec<String>,
+    pub peer: SocketAddr,
+}
+
+/// How a session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Send this close code, count this reason.
+    Close(u16, &'static str),
+    /// The connection is already gone (client closed, I/O error): nothing to send.
+    Gone(&'static str),
+}
+
+/// A token bucket for client publishes (and for frames that earn an error).
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+    /// Frames refused while the bucket was empty, since it was last full.
+    strikes: u32,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: u32) -> Bucket {
+        Bucket {
+            tokens: f64::from(burst),
+            last: Instant::now(),
+            rate,
+            burst: f64::from(burst),
+            strikes: 0,
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= self.burst {
+            self.strikes = 0;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.strikes += 1;
+            false
+        }
+    }
+}
+
+struct Session {
+    node: Arc<Node>,
+    id: SessionId,
+    uuid: String,
+    client_id: String,
+    personal: String,
+    outbox: Arc<Outbox>,
+    /// Channels this session is subscribed to in the hub, the personal one included.
+    channels: HashSet<Box<str>>,
+    bucket: Bucket,
+    last_seen: Instant,
+}
+
+/// Run a session to its end. Called by the upgrade handler; returns when the socket is done.
+pub async fn run(ws: WebSocket, node: Arc<Node>, params: Params) {
+    let span = tracing::info_span!("session", client_id = %params.client_id, peer = %params.peer);
+    tracing::Instrument::instrument(run_session(ws, node, params), span).await
+}
+
+async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
+    let metrics = node.metrics.clone();
+    let Some(_slot) = node.connection_slot() else {
+        metrics
+            .disconnects
+            .with_label_values(&[reason::MAX_CONNECTIONS])
+            .inc();
+        let _ = timeout(
+            CLOSE_TIMEOUT,
+            close_socket(&mut ws, close::TRY_AGAIN_LATER, "node at max_connections"),
+        )
+        .await;
+        return;
+    };
+    metrics.connections_total.inc();
+    let limits = &node.config.limits;
+    let mut session = Session {
+        id: node.next_session_id(),
+        uuid: uuid::Uuid::new_v4().to_string(),
+        personal: protocol::personal_channel(&params.client_id),
+        client_id: params.client_id,
+        outbox: Arc::new(Outbox::new(limits.send_queue_bytes)),
+        channels: HashSet::new(),
+        bucket: Bucket::new(limits.publish_rate, limits.publish_burst),
+        last_seen: Instant::now(),
+        node,
+    };
+    tracing::debug!(session = %session.uuid, "session open");
+    let end = session.serve(&mut ws, params.channels).await;
+    // Leave the hub first: nothing more is queued for a session that is closing.
+    session.cleanup();
+    match end {
+        End::Close(code, why) => {
+            tracing::debug!(code, reason = why, "closing session");
+            metrics.disconnects.with_label_values(&[why]).inc();
+            let _ = timeout(CLOSE_TIMEOUT, close_socket(&mut ws, code, why)).await;
+        }
+        End::Gone(why) => {
+            tracing::debug!(reason = why, "session ended");
+            metrics.disconnects.with_label_values(&[why]).inc();
+            // Flush a close reply tungstenite may have queued for the client's close frame.
+            let _ = timeout(Duration::from_secs(1), ws.flush()).await;
+        }
+    }
+}
+
+/// Send a close frame, then read until the client answers or goes away.
+async fn close_socket(ws: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    if ws.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    while let Some(Ok(msg)) = ws.recv().await {
+        if matches!(msg, Message::Close(_)) {
+            break;
+        }
+    }
+}
+
+// === impl Session ===
+
+impl Session {
+    async fn serve(&mut self, ws: &mut WebSocket, requested: Vec<String>) -> End {
+        // Subscriptions at connect: the personal channel, then what the query named.
+        let mut refused = Vec::new();
+        let mut waits = Vec::new();
+        let personal = self.personal.clone();
+        if let Err(e) = self.add_channel(&personal, &mut waits) {
+            refused.push((personal.clone(), e));
+        }
+        let requested = if requested.is_empty() {
+            self.node.config.default_channels.clone()
+        } else {
+            requested
+        };
+        let mut joined = Vec::new();
+        for channel in requested {
+            match self.check_subscribe(&channel) {
+                Ok(()) => match self.add_channel(&channel, &mut waits) {
+                    Ok(()) => joined.push(channel),
+                    Err(e) => refused.push((channel, e)),
+                },
+                Err(e) => refused.push((channel, e)),
+            }
+        }
+        self.await_subscriptions(waits).await;
+        let welcome =
+            protocol::welcome_frame(&self.uuid, &self.client_id, &self.node.node_name, &joined);
+        if let Err(end) = self.send(ws, welcome).await {
+            return end;
+        }
+        for (channel, (code, message)) in refused {
+            let frame = protocol::error_frame(code, &message, Some(&channel), None);
+            if let Err(end) = self.send(ws, frame).await {
+                return end;
+            }
+        }
+
+        let interval = self.node.config.ping_interval();
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch: VecDeque<Frame> = VecDeque::new();
+        let shutdown = self.node.sessions_shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return End::Close(close::GOING_AWAY, reason::SHUTDOWN),
+                _ = self.outbox.ready() => {
+                    if !self.outbox.take(&mut batch) {
+                        return End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER);
+                    }
+                    if let Err(end) = self.write_batch(ws, &mut batch).await {
+                        return end;
+                    }
+                }
+                msg = ws.recv() => {
+                    if let Some(end) = self.on_message(ws, msg).await {
+                        return end;
+                    }
+                }
+                _ = ping.tick() => {
+                    if self.last_seen.elapsed() >= self.node.config.ping_timeout() {
+                        return End::Close(close::HEARTBEAT_TIMEOUT, reason::HEARTBEAT_TIMEOUT);
+                    }
+                    if let Err(end) = self.guarded(ws.send(Message::Ping(Default::default()))).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wait (bounded) until the bus delivers every newly wanted channel, so that a client who
+    /// got `welcome` or `subscribed` receives everything published after it.
+    async fn await_subscriptions(&self, waits: Vec<tokio::sync::oneshot::Receiver<()>>) {
+        if waits.is_empty() {
+            return;
+        }
+        let limit = Duration::from_millis(self.node.config.redis.timeout_ms);
+        let _ = timeout(limit, futures_util::future::join_all(waits)).await;
+    }
+
+    /// Write one batch of queued frames: feed them all, flush once.
+    async fn write_batch(
+        &self,
+        ws: &mut WebSocket,
+        batch: &mut VecDeque<Frame>,
+    ) -> Result<(), End> {
+        let write = async {
+            for frame in batch.iter() {
+                ws.feed(Message::Text(frame.text.clone())).await?;
+            }
+            ws.flush().await
+        };
+        self.guarded(write).await?;
+        let now = Instant::now();
+        for frame in batch.drain(..) {
+            self.node
+                .metrics
+                .delivery_latency
+                .observe(now.saturating_duration_since(frame.born).as_secs_f64());
+        }
+        // Don't let one burst pin a large buffer to an otherwise idle session.
+        if batch.capacity() > 1024 {
+            *batch = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// Run a write, interrupted by outbox overflow, shutdown or the heartbeat deadline.
+    async fn guarded(
+        &self,
+        write: impl Future<Output = Result<(), axum::Error>>,
+    ) -> Result<(), End> {
+        let deadline = self.last_seen + self.node.config.ping_timeout();
+        tokio::select! {
+            r = write => r.map_err(classify_error),
+            _ = self.outbox.overflow() => Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER)),
+            _ = self.node.sessions_shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN)),
+            _ = tokio::time::sleep_until(deadline.into()) => Err(End::Close(close::HEARTBEAT_TIMEOUT, reason::HEARTBEAT_TIMEOUT)),
+        }
+    }
+
+    async fn send(&self, ws: &mut WebSocket, text: String) -> Result<(), End> {
+        self.guarded(ws.send(Message::Text(text.into()))).await
+    }
+
+    async fn on_message(
+        &mut self,
+        ws: &mut WebSocket,
+        msg: Option<Result<Message, axum::Error>>,
+    ) -> Option<End> {
+        let msg = match msg {
+            None => return Some(End::Gone(reason::CLIENT_CLOSE)),
+            Some(Err(e)) => return Some(classify_error(e)),
+            Some(Ok(msg)) => msg,
+        };
+        self.last_seen = Instant::now();
+        match msg {
+            Message::Text(text) => self.on_text(ws, text.as_str()).await.err(),
+            Message::Binary(_) => Some(End::Close(close::UNSUPPORTED_DATA, reason::BINARY_FRAME)),
+            Message::Ping(_) | Message::Pong(_) => None,
+            Message::Close(_) => Some(End::Gone(reason::CLIENT_CLOSE)),
+        }
+    }
+
+    /// Handle one client frame; Err ends the session.
+    async fn on_text(&mut self, ws: &mut WebSocket, text: &str) -> Result<(), End> {
+        let frames = &self.node.metrics.client_frames;
+        let frame = match protocol::parse_client_frame(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                frames.with_label_values(&["invalid"]).inc();
+                self.charge()?;
+                let reply = protocol::error_frame(
+                    e.code(),
+                    &e.to_string(),
+                    None,
+                    protocol::salvage_id(text),
+                );
+                return self.send(ws, reply).await;
+            }
+        };
+        let reply = match frame {
+            ClientFrame::Subscribe {
+                channel,
+                id,
+                since: _,
+            } => {
+                frames.with_label_values(&["subscribe"]).inc();
+                self.on_subscribe(channel, id).await
+            }
+            ClientFrame::Unsubscribe { channel, id } => {
+                frames.with_label_values(&["unsubscribe"]).inc();
+                self.on_unsubscribe(&channel, id)
+            }
+            ClientFrame::Publish { channel, data, id } => {
+                frames.with_label_values(&["publish"]).inc();
+                self.on_publish(&channel, data, id).await?
+            }
+            ClientFrame::Ping { id } => {
+                frames.with_label_values(&["ping"]).inc();
+                Some(protocol::pong_frame(id))
+            }
+        };
+        match reply {
+            Some(reply) => self.send(ws, reply).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Spend a token for a publish or a refused frame; a client that keeps going with an
+    /// empty bucket is closed with 4029.
+    fn charge(&mut self) -> Result<bool, End> {
+        if self.bucket.take() {
+            return Ok(true);
+        }
+        if self.bucket.strikes > self.node.config.limits.publish_burst {
+            return Err(End::Close(close::RATE_LIMITED, reason::RATE_LIMITED));
+        }
+        Ok(false)
+    }
+
+    /// Whether this session may subscribe to `channel` at all.
+    fn check_subscribe(&self, channel: &str) -> Result<(), (&'static str, String)> {
+        if !protocol::valid_channel(channel) {
+            return Err((
+                "bad_channel",
+                "invalid channel name: 1-128 chars of A-Z a-z 0-9 _ - . : @".to_owned(),
+            ));
+        }
+        if channel.starts_with(protocol::PERSONAL_PREFIX) && channel != self.personal {
+            return Err(("forbidden", format!("cannot subscribe to {channel}")));
+        }
+        Ok(())
+    }
+
+    /// Subscribe in the hub (and through the bus when first on this node); pushes the bus's
+    /// readiness receiver into `waits`.
+    fn add_channel(
+        &mut self,
+        channel: &str,
+        waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Result<(), (&'static str, String)> {
+        if self.channels.contains(channel) {
+            return Ok(());
+        }
+        let max = self.node.config.limits.max_subscriptions;
+        // The personal channel does not count against the limit.
+        if channel != self.personal && self.channels.len() > max {
+            return Err((
+                "too_many_subscriptions",
+                format!("at most {max} subscriptions per session"),
+            ));
+        }
+        if self.node.hub.subscribe(channel, self.id, &self.outbox) == Subscribed::First {
+            if let Some(wait) = self.node.bus.want(channel) {
+                waits.push(wait);
+            }
+        }
+        self.channels.insert(channel.into());
+        Ok(())
+    }
+
+    async fn on_subscribe(&mut self, channel: String, id: Option<&RawValue>) -> Option<String> {
+        let mut waits = Vec::new();
+        let result = self
+            .check_subscribe(&channel)
+            .and_then(|()| self.add_channel(&channel, &mut waits));
+        Some(match result {
+            Ok(()) => {
+                self.await_subscriptions(waits).await;
+                protocol::ack_frame("subscribed", &channel, id)
+            }
+            Err((code, message)) => protocol::error_frame(code, &message, Some(&channel), id),
+        })
+    }
+
+    fn on_unsubscribe(&mut self, channel: &str, id: Option<&RawValue>) -> Option<String> {
+        if channel == self.personal {
+            return Some(protocol::error_frame(
+                "forbidden",
+                "the personal channel cannot be unsubscribed",
+                Some(channel),
+                id,
+            ));
+        }
+        if self.channels.remove(channel) {
+            self.remove_from_hub(channel);
+        }
+        Some(protocol::ack_frame("unsubscribed", channel, id))
+    }
+
+    fn remove_from_hub(&self, channel: &str) {
+        if self.node.hub.unsubscribe(channel, self.id) == Unsubscribed::Last {
+            self.node.bus.release(channel);
+        }
+    }
+
+    async fn on_publish(
+        &mut self,
+        channel: &str,
+        data: &RawValue,
+        id: Option<&RawValue>,
+    ) -> Result<Option<String>, End> {
+        if !self.charge()? {
+            return Ok(Some(protocol::error_frame(
+                "rate_limited",
+                "publish rate limit exceeded; slow down",
+                Some(channel),
+                id,
+            )));
+        }
+        if !protocol::any_matches(&self.node.config.client_publish, channel) {
+            return Ok(Some(protocol::error_frame(
+                "forbidden",
+                &format!("clients may not publish to {channel}"),
+                Some(channel),
+                id,
+            )));
+        }
+        Ok(
+            match self.node.bus.publish(channel, data.get().as_bytes()).await {
+                // Acknowledge only requests that carry an id: nobody waits for the others.
+                Ok(()) => id.map(|id| protocol::published_frame(channel, Some(id))),
+                Err(e) => Some(protocol::error_frame(
+                    "publish_failed",
+                    &e.to_string(),
+                    Some(channel),
+                    id,
+                )),
+            },
+        )
+    }
+
+    fn cleanup(&mut self) {
+        let dropped = self.outbox.close();
+        if dropped > 0 {
+            self.node
+                .metrics
+                .messages_dropped
+                .with_label_values(&[reason::SESSION_CLOSED])
+                .inc_by(dropped as u64);
+        }
+        for channel in std::mem::take(&mut self.channels) {
+            self.remove_from_hub(&channel);
+        }
+    }
+}
+
+/// Map a WebSocket read/write error to how the session ends.
+fn classify_error(e: axum::Error) -> End {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => {
+            End::Close(close::MESSAGE_TOO_BIG, reason::MESSAGE_TOO_BIG)
+        }
+        Some(tungstenite::Error::Utf8(_)) => {
+            End::Close(close::INVALID_PAYLOAD, reason::INVALID_UTF8)
+        }
+        Some(tungstenite::Error::Protocol(_)) => {
+            End::Close(close::PROTOCOL_ERROR, reason::PROTOCOL_ERROR)
+        }
+        Some(tungstenite::Error::ConnectionClosed) | Some(tungstenite::Error::AlreadyClosed) => {
+            End::Gone(reason::CLIENT_CLOSE)
+        }
+        _ => End::Gone(reason::IO_ERROR),
+    }
+}
