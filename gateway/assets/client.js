@@ -120,6 +120,7 @@ export class GatewayClient {
     this.openedAt = 0;
     this.goingAwayStreak = 0;
     this.barrierScheduled = false;
+    this.publishAcks = false; // the gateway sends `published` frames: no ping barrier needed
     this.wanted = false; // connect() called and close() not: keep the connection up
 
     this.handlers = new Map(); // channel (or "*") → Set<fn(data, frame)>
@@ -207,10 +208,10 @@ export class GatewayClient {
 
   /**
    * Publishes `data` on `channel` (allowed by the gateway's `client_publish` patterns, default
-   * `chat:*`). While reconnecting the frame waits and is sent on open. The protocol has no
-   * publish acknowledgement, so the client follows publishes with a `ping`: the gateway answers
-   * a session's frames in order, so the `pong` proves the publish was accepted and an `error`
-   * with the publish's id (before it) rejects.
+   * `chat:*`). While reconnecting the frame waits and is sent on open. Resolves on the
+   * gateway's `published` acknowledgement, rejects on an `error` with the publish's id. Until
+   * the gateway has shown that it acknowledges publishes, the client follows them with a
+   * `ping`: the gateway answers a session's frames in order, so the `pong` settles them too.
    */
   publish(channel, data) {
     return this._request({ type: "publish", channel: String(channel), data }, { queue: true });
@@ -398,7 +399,7 @@ export class GatewayClient {
         this._settlePublishes(frame.id);
         return this._resolve(frame);
       case "published":
-      case "ack":
+        this.publishAcks = true;
         return this._resolve(frame);
       case "error":
         return this._onErrorFrame(frame);
@@ -562,7 +563,7 @@ export class GatewayClient {
     ws.send(JSON.stringify(frame));
     const p = frame.id != null ? this.pending.get(frame.id) : undefined;
     if (p) p.sent = true;
-    if (frame.type === "publish") this._scheduleBarrier();
+    if (frame.type === "publish" && !this.publishAcks) this._scheduleBarrier();
     return true;
   }
 

@@ -404,4 +404,12 @@ mod tests {
             Config::load_from_env(None, &[], env(&[("GATEWAY__LISTEN", "nowhere")])).unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
     }
+
+    #[test]
+    fn the_example_file_loads() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.toml");
+        let c = Config::load_from_env(Some(&file), &[], env(&[])).unwrap();
+        assert_eq!(c.limits.publish_burst, 40);
+        assert_eq!(c.heartbeat.ping_timeout_ms, 60_000);
+    }
 }

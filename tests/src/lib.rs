@@ -1,0 +1,703 @@
+//! The cluster test harness: real `redis-server` processes on free loopback ports, real
+//! gateway processes (the `gateway-node` binary of this crate is the gateway program), a
+//! WebSocket client that awaits frames with timeouts, and small HTTP and metrics helpers.
+//!
+//! Everything started here is owned by a value whose `Drop` kills it, so a failing test
+//! still tears its cluster down.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use tests::{Cluster, WsClient};
+//! let cluster = Cluster::builder().nodes(2).start().await;
+//! let mut a = WsClient::connect(&cluster.nodes[0].ws_url("channels=alerts")).await;
+//! a.expect_type("welcome").await;
+//! cluster.redis.cli(&["PUBLISH", "alerts", "hi"]);
+//! assert_eq!(a.expect_type("message").await["data"], "hi");
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{self, protocol::frame::coding::CloseCode, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub use deadpool_redis::redis;
+
+/// How long any single awaited condition may take before the test fails.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Path of one of this crate's binaries (`gateway-node`, …): next to the `deps/` folder that
+/// holds the running test executable, where Cargo puts them before running integration tests.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| {
+            if deps.ends_with("deps") {
+                deps.parent()
+            } else {
+                Some(deps)
+            }
+        })
+        .expect("test executable directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test -p tests`",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+/// Poll `check` until it returns `Some`, failing the test after `TIMEOUT` with `what`.
+pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+// === redis-server ===
+
+/// A real `redis-server` on a free port, no persistence, in its own temp dir.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("gw-test-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = RedisServer {
+            port,
+            dir,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}); install it: `apt-get install -y redis-server redis-tools`"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + TIMEOUT;
+        while self.cli_try(&["PING"]).as_deref() != Some("PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kill the server (SIGKILL: no goodbye to its clients).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn cli_try(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-cli ({e}); install it: `apt-get install -y redis-tools`")
+            });
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Run the real `redis-cli` against this server and return its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_try(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} failed"))
+    }
+
+    /// `PUBSUB NUMSUB channel`: how many connections subscribe to it.
+    pub fn numsub(&self, channel: &str) -> u64 {
+        let out = self.cli(&["PUBSUB", "NUMSUB", channel]);
+        out.lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// An async connection for bulk commands.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// === gateway nodes ===
+
+/// A real gateway process on free ports.
+pub struct GatewayNode {
+    pub name: String,
+    pub port: u16,
+    pub admin_port: u16,
+    child: Child,
+}
+
+impl GatewayNode {
+    /// Start `gateway-node` with these environment variables (on top of the ports and name
+    /// chosen here) and wait until `/healthz` answers.
+    pub async fn start(name: &str, env: &[(String, String)]) -> GatewayNode {
+        for _attempt in 0..3 {
+            let (port, admin_port) = (free_port(), free_port());
+            let child = Command::new(bin_path("gateway-node"))
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env(
+                    "RUST_LOG",
+                    std::env::var("TEST_GATEWAY_LOG").unwrap_or_else(|_| "error".into()),
+                )
+                .env("GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+                .env("GATEWAY__ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+                .env("GATEWAY__NODE_NAME", name)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn gateway-node");
+            let mut node = GatewayNode {
+                name: name.to_owned(),
+                port,
+                admin_port,
+                child,
+            };
+            let deadline = Instant::now() + TIMEOUT;
+            loop {
+                if let Ok(Some(_)) = node.child.try_wait() {
+                    break; // Lost a port race, or bad config: try again with new ports.
+                }
+                if let Ok((200, _)) = http_get(node.port, "/healthz").await {
+                    return node;
+                }
+                assert!(Instant::now() < deadline, "gateway {name} did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!("gateway {name} exited at start three times");
+    }
+
+    /// `ws://127.0.0.1:PORT/ws?QUERY`.
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://127.0.0.1:{}/ws?{query}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// GET on the admin port.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_port, path)
+            .await
+            .expect("admin port answers")
+    }
+
+    /// The node's metrics, parsed (also checks the exposition format).
+    pub async fn metrics(&self) -> Metrics {
+        let (status, body) = self.admin_get("/metrics").await;
+        assert_eq!(status, 200);
+        Metrics::parse(&body)
+    }
+
+    /// Wait until `/readyz` answers `status`.
+    pub async fn await_ready(&self, status: u16) {
+        eventually(&format!("{} /readyz {status}", self.name), async || {
+            matches!(http_get(self.admin_port, "/readyz").await, Ok((s, _)) if s == status)
+                .then_some(())
+        })
+        .await
+    }
+
+    /// Send SIGTERM (through the real `kill` program).
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Wait for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway {} did not exit",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kill the process at once (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Run the gateway program to completion with this environment (for start-up failures).
+pub fn run_gateway_to_exit(env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let out = Command::new(bin_path("gateway-node"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run gateway-node");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// === cluster ===
+
+/// One redis-server plus N gateway nodes using it.
+pub struct Cluster {
+    pub redis: RedisServer,
+    pub nodes: Vec<GatewayNode>,
+}
+
+#[derive(Default)]
+pub struct ClusterBuilder {
+    nodes: usize,
+    env: Vec<(String, String)>,
+}
+
+impl ClusterBuilder {
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// An environment variable for every node, e.g. `("GATEWAY__LIMITS__MAX_CONNECTIONS", "2")`.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Start redis and the nodes; returns once every node is ready (Redis connected).
+    pub async fn start(self) -> Cluster {
+        let redis = RedisServer::start();
+        let mut env = vec![("GATEWAY__REDIS__URL".to_owned(), redis.url())];
+        env.extend(self.env);
+        let mut nodes = Vec::new();
+        for i in 0..self.nodes.max(1) {
+            nodes.push(GatewayNode::start(&format!("gw-{}", i + 1), &env).await);
+        }
+        for node in &nodes {
+            node.await_ready(200).await;
+        }
+        Cluster { redis, nodes }
+    }
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    pub async fn start(nodes: usize) -> Cluster {
+        Self::builder().nodes(nodes).start().await
+    }
+}
+
+// === WebSocket client ===
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A protocol-level test client: JSON frames in and out, every wait bounded by [`TIMEOUT`].
+pub struct WsClient {
+    pub ws: Socket,
+}
+
+/// What a client read instead of the frame it expected.
+#[derive(Debug)]
+pub enum Received {
+    Frame(Value),
+    Closed(Option<u16>),
+}
+
+impl WsClient {
+    pub async fn connect(url: &str) -> WsClient {
+        let (ws, _response) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(url))
+            .await
+            .unwrap_or_else(|_| panic!("connect to {url} timed out"))
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        WsClient { ws }
+    }
+
+    /// Connect and read the welcome frame.
+    pub async fn connect_welcomed(url: &str) -> (WsClient, Value) {
+        let mut client = Self::connect(url).await;
+        let welcome = client.expect_type("welcome").await;
+        (client, welcome)
+    }
+
+    pub async fn send_json(&mut self, frame: Value) {
+        self.send(Message::text(frame.to_string())).await;
+    }
+
+    pub async fn send(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("send to gateway");
+    }
+
+    /// The next text frame as JSON, or the close. Pings are answered by tungstenite.
+    pub async fn next(&mut self) -> Received {
+        self.next_within(TIMEOUT)
+            .await
+            .unwrap_or_else(|| panic!("no frame within {TIMEOUT:?}"))
+    }
+
+    /// The next frame, or None if nothing arrives within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Received> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(msg) => msg,
+            };
+            match msg {
+                Some(Ok(Message::Text(text))) => {
+                    let value = serde_json::from_str(text.as_str())
+                        .unwrap_or_else(|e| panic!("gateway sent non-JSON text {text:?}: {e}"));
+                    return Some(Received::Frame(value));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Some(Received::Closed(frame.map(|f| u16::from(f.code))));
+                }
+                Some(Ok(Message::Binary(b))) => panic!("gateway sent a binary frame: {b:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(
+                    tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                ))
+                | None => {
+                    return Some(Received::Closed(None));
+                }
+                Some(Err(e)) => panic!("websocket error: {e}"),
+            }
+        }
+    }
+
+    /// The next frame, which must be a text frame.
+    pub async fn frame(&mut self) -> Value {
+        match self.next().await {
+            Received::Frame(v) => v,
+            Received::Closed(code) => panic!("expected a frame, connection closed with {code:?}"),
+        }
+    }
+
+    /// The next frame, which must have this `type`.
+    pub async fn expect_type(&mut self, kind: &str) -> Value {
+        let frame = self.frame().await;
+        assert_eq!(frame["type"], kind, "unexpected frame {frame}");
+        frame
+    }
+
+    /// Skip frames until one has this `type` (e.g. past ticks).
+    pub async fn until_type(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.frame().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// Skip frames until a `message` on `channel`.
+    pub async fn until_message(&mut self, channel: &str) -> Value {
+        loop {
+            let frame = self.frame().await;
+            if frame["type"] == "message" && frame["channel"] == channel {
+                return frame;
+            }
+        }
+    }
+
+    /// Read (skipping frames) until the connection closes; returns the close code.
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        loop {
+            match self.next().await {
+                Received::Closed(code) => return code,
+                Received::Frame(_) => continue,
+            }
+        }
+    }
+
+    /// A request/response round trip: send `frame`, return the next frame that is not a
+    /// `message`.
+    pub async fn request(&mut self, frame: Value) -> Value {
+        self.send_json(frame).await;
+        loop {
+            let reply = self.frame().await;
+            if reply["type"] != "message" {
+                return reply;
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) {
+        let reply = self
+            .request(serde_json::json!({"type": "subscribe", "channel": channel}))
+            .await;
+        assert_eq!(reply["type"], "subscribed", "subscribe {channel}: {reply}");
+    }
+}
+
+/// The close code as a number, for comparisons with tungstenite's enum.
+pub fn code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
+
+// === HTTP ===
+
+/// A minimal HTTP/1.1 GET on 127.0.0.1:port: (status, body).
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(port, "GET", path, &[], "").await
+}
+
+/// A minimal HTTP/1.1 request on 127.0.0.1:port: (status, body). `Connection: close` unless
+/// the caller sets `Connection`; the body is read to EOF (a 101 answer: its head only).
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let io = async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+        {
+            request.push_str("Connection: close\r\n");
+        }
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            response.extend_from_slice(&chunk[..n]);
+            if response_complete(&response) {
+                break;
+            }
+        }
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(TIMEOUT, io)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "http timeout"))??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no status line"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+/// Whether a response is whole without waiting for EOF: a 101 (the connection now belongs to
+/// the WebSocket) or a body of its Content-Length.
+fn response_complete(response: &[u8]) -> bool {
+    let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+    if head.starts_with("http/1.1 101") {
+        return true;
+    }
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .is_some_and(|len| response.len() >= end + 4 + len)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+// === metrics ===
+
+/// A parsed Prometheus text exposition: series (name plus sorted labels, as printed) → value.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub series: HashMap<String, f64>,
+}
+
+impl Metrics {
+    /// Parse, asserting the format: every sample line is `name{labels} value`, every metric has
+    /// `# HELP` and `# TYPE` lines before its samples.
+    pub fn parse(text: &str) -> Metrics {
+        let mut series = HashMap::new();
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines() {
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split_whitespace();
+                let name = parts.next().expect("TYPE name");
+                let kind = parts.next().expect("TYPE kind");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                    "bad TYPE line {line}"
+                );
+                typed.insert(name.to_owned());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (key, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            };
+            let name = key.split('{').next().unwrap();
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad metric name in {line:?}"
+            );
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                .unwrap_or(name);
+            assert!(
+                typed.contains(family),
+                "sample before its TYPE line: {line:?}"
+            );
+            if let Some(labels) = key.strip_prefix(name) {
+                if !labels.is_empty() {
+                    assert!(
+                        labels.starts_with('{') && labels.ends_with('}'),
+                        "bad labels in {line:?}"
+                    );
+                }
+            }
+            series.insert(key.to_owned(), value);
+        }
+        Metrics { series }
+    }
+
+    /// The value of a series, e.g. `gateway_connections` or
+    /// `gateway_disconnects_total{reason="slow_consumer"}`; 0 when absent.
+    pub fn get(&self, key: &str) -> f64 {
+        self.series.get(key).copied().unwrap_or(0.0)
+    }
+
+    /// Whether a metric family is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.series.keys().any(|k| {
+            k == name || k.starts_with(&format!("{name}{{")) || k.starts_with(&format!("{name}_"))
+        })
+    }
+}

@@ -1,0 +1,167 @@
+//! What operators see: metrics, health, HTTP errors, configuration errors.
+
+use serde_json::{json, Value};
+use tests::{http_get, http_request, run_gateway_to_exit, Cluster, WsClient};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_count_what_happened() {
+    let cluster = Cluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let before = node.metrics().await;
+    for name in [
+        "gateway_connections",
+        "gateway_connections_total",
+        "gateway_disconnects_total",
+        "gateway_subscriptions",
+        "gateway_channels",
+        "gateway_messages_received_total",
+        "gateway_messages_delivered_total",
+        "gateway_messages_dropped_total",
+        "gateway_delivery_latency_seconds",
+        "gateway_redis_connected",
+        "gateway_redis_reconnects_total",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(before.has(name), "missing metric {name}");
+    }
+
+    let (mut a, _) = WsClient::connect_welcomed(&node.ws_url("channels=m1,m2")).await;
+    let (mut b, _) = WsClient::connect_welcomed(&node.ws_url("channels=m1")).await;
+    for i in 0..3 {
+        let pong = a.request(json!({"type": "ping", "id": i})).await;
+        assert_eq!(pong["type"], "pong");
+    }
+    for _ in 0..5 {
+        cluster.redis.cli(&["PUBLISH", "m1", "x"]);
+    }
+    for _ in 0..5 {
+        a.expect_type("message").await;
+        b.expect_type("message").await;
+    }
+
+    let m = node.metrics().await;
+    assert_eq!(m.get("gateway_connections"), 2.0);
+    assert_eq!(
+        m.get("gateway_connections_total") - before.get("gateway_connections_total"),
+        2.0
+    );
+    // Personal channels count too: a has user:…, m1, m2; b has user:…, m1.
+    assert_eq!(m.get("gateway_subscriptions"), 5.0);
+    assert_eq!(m.get("gateway_channels"), 4.0);
+    assert_eq!(m.get(r#"gateway_client_frames_total{type="ping"}"#), 3.0);
+    assert_eq!(m.get("gateway_messages_received_total"), 5.0);
+    assert_eq!(m.get("gateway_messages_delivered_total"), 10.0);
+    assert_eq!(m.get("gateway_delivery_latency_seconds_count"), 10.0);
+    assert_eq!(m.get("gateway_redis_connected"), 1.0);
+
+    a.ws.close(None).await.unwrap();
+    a.expect_close().await;
+    tests::eventually("the session to be gone", async || {
+        let m = node.metrics().await;
+        (m.get("gateway_connections") == 1.0
+            && m.get(r#"gateway_disconnects_total{reason="client_close"}"#) == 1.0
+            && m.get("gateway_subscriptions") == 2.0)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_bad_http_requests_get_json_answers() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env(
+            "GATEWAY__ORIGINS",
+            "https://app.example.com,https://*.example.org",
+        )
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    for port in [node.port, node.admin_port] {
+        assert_eq!(http_get(port, "/healthz").await.unwrap().0, 200);
+        let (status, body) = http_get(port, "/readyz").await.unwrap();
+        assert_eq!(status, 200);
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["ready"], true);
+    }
+    // /metrics is on the admin port only.
+    assert_eq!(http_get(node.port, "/metrics").await.unwrap().0, 404);
+
+    let json_error = |(status, body): (u16, String)| -> (u16, String) {
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+        (status, v["error"].as_str().unwrap_or_default().to_owned())
+    };
+    // A plain GET on /ws is not a WebSocket handshake.
+    let r = json_error(http_get(node.port, "/ws").await.unwrap());
+    assert!(r.0 >= 400 && r.0 < 500 && r.1 == "not_websocket", "{r:?}");
+    assert_eq!(
+        json_error(http_get(node.port, "/nope").await.unwrap()),
+        (404, "not_found".into())
+    );
+
+    let upgrade = |origin: &'static str| {
+        vec![
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Origin", origin),
+        ]
+    };
+    let r = http_request(
+        node.port,
+        "GET",
+        "/ws?client_id=bad%20id",
+        &upgrade("https://app.example.com"),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(json_error(r), (400, "bad_client_id".into()));
+    let r = http_request(
+        node.port,
+        "GET",
+        "/ws",
+        &upgrade("https://evil.example.com"),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(json_error(r), (403, "origin_not_allowed".into()));
+    for allowed in ["https://app.example.com", "https://x.example.org"] {
+        let (status, _) = http_request(node.port, "GET", "/ws", &upgrade(allowed), "")
+            .await
+            .unwrap();
+        assert_eq!(status, 101, "{allowed} is allowed");
+    }
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_key() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("GATEWAY__NO_SUCH_KEY", "1")], "no_such_key"),
+        (
+            &[("GATEWAY__LIMITS__MAX_CONNECTIONS", "many")],
+            "max_connections",
+        ),
+        (
+            &[("GATEWAY__LIMITS__SEND_QUEUE_BYTES", "10")],
+            "limits.send_queue_bytes",
+        ),
+        (&[("GATEWAY__REDIS__URL", "http://x")], "redis.url"),
+        (&[("GATEWAY__LISTEN", "nowhere")], "listen"),
+        (
+            &[("GATEWAY__DEFAULT_CHANNELS", "ok,not ok")],
+            "default_channels",
+        ),
+    ];
+    for (env, key) in cases {
+        let (status, stderr) = run_gateway_to_exit(env);
+        assert_eq!(status.code(), Some(2), "{env:?}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{env:?}: message must name `{key}`: {stderr}"
+        );
+    }
+}
