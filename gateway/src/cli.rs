@@ -62,6 +62,17 @@ pub fn main() {
             std::process::exit(2);
         }
     };
+    // Each connection is a file descriptor; the usual soft limit (1024) is far below
+    // `limits.max_connections`, so raise it to the hard limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if (n as usize) < config.limits.max_connections => tracing::warn!(
+            nofile = n,
+            max_connections = config.limits.max_connections,
+            "open-file limit is below limits.max_connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

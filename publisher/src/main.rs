@@ -1,4 +1,5 @@
+//! The `publisher` program; everything lives in the library (see `publisher::cli`).
+
 fn main() {
-    eprintln!("publisher: not built yet");
-    std::process::exit(1);
+    publisher::cli::main()
 }

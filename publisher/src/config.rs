@@ -1,0 +1,442 @@
+//! Configuration: one typed struct, loaded in layers and validated completely before anything
+//! binds or connects.
+//!
+//! Layers, later ones win: the defaults below → an optional TOML file (`--config FILE`) → the
+//! environment (`PUBLISHER__TICK__INTERVAL_MS=200` sets `tick.interval_ms`; a double underscore
+//! separates levels, a single one is part of a key) → command-line flags. Every struct denies
+//! unknown fields, so a misspelt key stops start-up with a message naming it, as does a bad
+//! value; `cli` turns either into exit code 2.
+//!
+//! No publisher key is a list, so environment values are never split on commas and are never
+//! type-guessed either: `PUBLISHER__API_KEY=007,abc` stays the string `007,abc`, and numbers
+//! and booleans are parsed from strings by the field's own type. A future list key must be
+//! added to `LIST_KEYS`, which switches on comma splitting for exactly those keys.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::channel::Channel;
+
+/// Environment variable prefix: `PUBLISHER__REDIS__URL` → `redis.url`.
+pub const ENV_PREFIX: &str = "PUBLISHER";
+
+/// Keys whose environment value is a comma-separated list. None yet; see the module doc.
+const LIST_KEYS: &[&str] = &[];
+
+/// The whole publisher configuration. Field docs name the key and its default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `listen` (0.0.0.0:8090): the HTTP API and `/metrics`.
+    pub listen: SocketAddr,
+    /// `api_key` (unset): when set, `POST` endpoints require `Authorization: Bearer <key>`.
+    pub api_key: Option<Secret>,
+    /// `max_body_bytes` (65536): larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// `max_broadcast_channels` (100): the most channels one `POST /broadcast` may name.
+    pub max_broadcast_channels: usize,
+    /// `drain_timeout_ms` (5000): how long shutdown waits for in-flight requests and tasks.
+    pub drain_timeout_ms: u64,
+    pub redis: RedisConfig,
+    pub tick: TickConfig,
+    pub alerts: AlertsConfig,
+    pub lease: LeaseConfig,
+    pub tail: TailConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis.url` (redis://127.0.0.1:6379).
+    pub url: Secret,
+    /// `redis.prefix` (empty): prepended to every channel and key the publisher touches; must
+    /// match the gateways' `redis.prefix`.
+    pub prefix: String,
+    /// `redis.connect_timeout_ms` (1000): a connection attempt gives up after this.
+    pub connect_timeout_ms: u64,
+    /// `redis.response_timeout_ms` (1000): a command without an answer fails after this.
+    pub response_timeout_ms: u64,
+    /// `redis.pool_size` (16): connections in the pool.
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TickConfig {
+    /// `tick.enabled` (true): whether this replica competes for the lease and ticks.
+    pub enabled: bool,
+    /// `tick.interval_ms` (1000): ticks fall on multiples of this since the Unix epoch.
+    pub interval_ms: u64,
+    /// `tick.channel` (ticks).
+    pub channel: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// `alerts.channel` (alerts).
+    pub channel: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// `lease.ttl_ms` (3000): a dead leader is replaced within about this long.
+    pub ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TailConfig {
+    /// `tail.poll_interval_ms` (200): how often `publisher tail` looks for new lines.
+    pub poll_interval_ms: u64,
+    /// `tail.max_line_bytes` (65536): a longer line is published in pieces of this size.
+    pub max_line_bytes: usize,
+    /// `tail.batch_lines` (500): the most lines sent to Redis in one round trip.
+    pub batch_lines: usize,
+}
+
+/// A string that never appears in `Debug` output or logs (API keys, URLs with passwords).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// A configuration that cannot be used; the message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file that cannot be read or parsed.
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    /// An unknown key, or a value of the wrong type; `key` is the full dotted path.
+    #[error("key `{key}`: {message}")]
+    Key { key: String, message: String },
+    /// A value of the right type that is out of range or malformed.
+    #[error("invalid value for key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl fmt::Display) -> Self {
+        Self::Invalid {
+            key: key.to_owned(),
+            message: message.to_string(),
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8090)),
+            api_key: None,
+            max_body_bytes: 64 * 1024,
+            max_broadcast_channels: 100,
+            drain_timeout_ms: 5000,
+            redis: RedisConfig::default(),
+            tick: TickConfig::default(),
+            alerts: AlertsConfig::default(),
+            lease: LeaseConfig::default(),
+            tail: TailConfig::default(),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("redis://127.0.0.1:6379"),
+            prefix: String::new(),
+            connect_timeout_ms: 1000,
+            response_timeout_ms: 1000,
+            pool_size: 16,
+        }
+    }
+}
+
+impl Default for TickConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 1000,
+            channel: "ticks".to_owned(),
+        }
+    }
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            channel: "alerts".to_owned(),
+        }
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self { ttl_ms: 3000 }
+    }
+}
+
+impl Default for TailConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 200,
+            max_line_bytes: 64 * 1024,
+            batch_lines: 500,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the layers described in the module doc and validates the result.
+    ///
+    /// `env` replaces the process environment when given (tests use it); `overrides` are
+    /// `(key, value)` pairs from command-line flags, applied last.
+    pub fn load(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+        overrides: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        builder = builder.add_source(environment(env));
+        for (key, value) in overrides {
+            builder = builder.set_override(key.as_str(), value.as_str())?;
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(builder.build()?).map_err(|e| ConfigError::Key {
+                key: e.path().to_string(),
+                message: e.into_inner().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that its type alone does not constrain. [`crate::run`] calls it too,
+    /// so a `Config` built in code is held to the same rules as a loaded one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(key) = &self.api_key {
+            if key.expose().trim().is_empty() {
+                return Err(ConfigError::invalid("api_key", "must not be blank"));
+            }
+        }
+        in_range("max_body_bytes", self.max_body_bytes, 64, 16 * 1024 * 1024)?;
+        in_range(
+            "max_broadcast_channels",
+            self.max_broadcast_channels,
+            1,
+            10_000,
+        )?;
+        in_range("drain_timeout_ms", self.drain_timeout_ms, 0, 600_000)?;
+
+        let redis = &self.redis;
+        deadpool_redis::redis::Client::open(redis.url.expose())
+            .map_err(|e| ConfigError::invalid("redis.url", e))?;
+        if !redis.prefix.is_empty() {
+            Channel::parse(&redis.prefix).map_err(|e| ConfigError::invalid("redis.prefix", e))?;
+        }
+        in_range(
+            "redis.connect_timeout_ms",
+            redis.connect_timeout_ms,
+            1,
+            60_000,
+        )?;
+        in_range(
+            "redis.response_timeout_ms",
+            redis.response_timeout_ms,
+            1,
+            60_000,
+        )?;
+        in_range("redis.pool_size", redis.pool_size, 1, 1024)?;
+
+        in_range("tick.interval_ms", self.tick.interval_ms, 10, 86_400_000)?;
+        Channel::parse(&self.tick.channel).map_err(|e| ConfigError::invalid("tick.channel", e))?;
+        Channel::parse(&self.alerts.channel)
+            .map_err(|e| ConfigError::invalid("alerts.channel", e))?;
+        // Renewal runs every ttl/3 and must have room for a round trip.
+        in_range("lease.ttl_ms", self.lease.ttl_ms, 100, 3_600_000)?;
+
+        in_range(
+            "tail.poll_interval_ms",
+            self.tail.poll_interval_ms,
+            10,
+            60_000,
+        )?;
+        in_range(
+            "tail.max_line_bytes",
+            self.tail.max_line_bytes,
+            16,
+            16 * 1024 * 1024,
+        )?;
+        in_range("tail.batch_lines", self.tail.batch_lines, 1, 100_000)?;
+        Ok(())
+    }
+
+    pub fn tick_channel(&self) -> Channel {
+        Channel::parse(&self.tick.channel).expect("validated: tick.channel")
+    }
+
+    pub fn alerts_channel(&self) -> Channel {
+        Channel::parse(&self.alerts.channel).expect("validated: alerts.channel")
+    }
+
+    pub fn tick_interval(&self) -> Duration {
+        Duration::from_millis(self.tick.interval_ms)
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease.ttl_ms)
+    }
+}
+
+fn environment(env: Option<HashMap<String, String>>) -> config::Environment {
+    let mut source = config::Environment::with_prefix(ENV_PREFIX)
+        .separator("__")
+        .ignore_empty(true)
+        .source(env);
+    // `list_separator` without a parse key would split every value (secrets too), so it is
+    // only switched on together with the keys it applies to.
+    if !LIST_KEYS.is_empty() {
+        source = source.try_parsing(true).list_separator(",");
+        for key in LIST_KEYS {
+            source = source.with_list_parse_key(key);
+        }
+    }
+    source
+}
+
+fn in_range<T>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError>
+where
+    T: PartialOrd + fmt::Display,
+{
+    if value < min || value > max {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value} is outside {min}..={max}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn load_env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(None, env(pairs), &[])
+    }
+
+    #[test]
+    fn defaults_are_the_stable_ones() {
+        let config = load_env(&[]).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8090");
+        assert_eq!(config.redis.url.expose(), "redis://127.0.0.1:6379");
+        assert_eq!(config.redis.prefix, "");
+        assert_eq!(config.tick.interval_ms, 1000);
+        assert_eq!(config.tick.channel, "ticks");
+        assert_eq!(config.alerts.channel, "alerts");
+        assert!(config.api_key.is_none());
+        assert_eq!(config.lease.ttl_ms, 3000);
+    }
+
+    #[test]
+    fn environment_sets_nested_keys_and_keeps_strings_verbatim() {
+        let config = load_env(&[
+            ("PUBLISHER__TICK__INTERVAL_MS", "200"),
+            ("PUBLISHER__TICK__ENABLED", "false"),
+            ("PUBLISHER__API_KEY", "007,abc"),
+            ("PUBLISHER__REDIS__PREFIX", "app1:"),
+            ("PUBLISHER__ALERTS__CHANNEL", ""),
+            ("PUBLISHER_TICK_CHANNEL", "ignored"),
+        ])
+        .unwrap();
+        assert_eq!(config.tick.interval_ms, 200);
+        assert!(!config.tick.enabled);
+        assert_eq!(config.api_key.unwrap().expose(), "007,abc");
+        assert_eq!(config.redis.prefix, "app1:");
+        assert_eq!(config.alerts.channel, "alerts", "empty variables are unset");
+        assert_eq!(
+            config.tick.channel, "ticks",
+            "single underscores are ignored"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_environment() {
+        let config = Config::load(
+            None,
+            env(&[("PUBLISHER__LISTEN", "127.0.0.1:1")]),
+            &[("listen".into(), "127.0.0.1:2".into())],
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:2");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("PUBLISHER__BOGUS", "1", "bogus"),
+            ("PUBLISHER__TICK__BOGUS", "1", "tick.bogus"),
+            ("PUBLISHER__TICK__INTERVAL_MS", "soon", "tick.interval_ms"),
+            ("PUBLISHER__TICK__INTERVAL_MS", "0", "tick.interval_ms"),
+            ("PUBLISHER__LISTEN", "nowhere", "listen"),
+            ("PUBLISHER__TICK__CHANNEL", "a b", "tick.channel"),
+            ("PUBLISHER__REDIS__URL", "http://x", "redis.url"),
+            ("PUBLISHER__API_KEY", "  ", "api_key"),
+        ];
+        for (var, value, key) in cases {
+            let err = load_env(&[(var, value)]).unwrap_err().to_string();
+            assert!(
+                err.contains(key),
+                "{var}={value}: {err:?} should name {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let config = Config {
+            api_key: Some(Secret::new("hunter2")),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}
