@@ -22,7 +22,10 @@ pub type SessionId = u64;
 
 const SHARDS: usize = 32;
 
-type Subscribers = HashMap<SessionId, Arc<Outbox>>;
+/// A channel's local subscribers. A Vec rather than a map: fan-out iterates it (contiguous is
+/// fastest), most channels have one subscriber (personal channels), and removal is a scan
+/// plus `swap_remove`, a few µs even for 10,000 subscribers.
+type Subscribers = Vec<(SessionId, Arc<Outbox>)>;
 type Shard = HashMap<Box<str>, Subscribers>;
 
 /// Result of [`Hub::subscribe`].
@@ -76,12 +79,13 @@ impl Hub {
     pub fn subscribe(&self, channel: &str, session: SessionId, outbox: &Arc<Outbox>) -> Subscribed {
         let mut shard = Self::write(self.shard(channel));
         let result = match shard.get_mut(channel) {
-            Some(subs) => match subs.insert(session, outbox.clone()) {
-                Some(_) => Subscribed::Already,
-                None => Subscribed::Added,
-            },
+            Some(subs) if subs.iter().any(|(id, _)| *id == session) => Subscribed::Already,
+            Some(subs) => {
+                subs.push((session, outbox.clone()));
+                Subscribed::Added
+            }
             None => {
-                shard.insert(channel.into(), HashMap::from([(session, outbox.clone())]));
+                shard.insert(channel.into(), vec![(session, outbox.clone())]);
                 Subscribed::First
             }
         };
@@ -96,9 +100,10 @@ impl Hub {
         let Some(subs) = shard.get_mut(channel) else {
             return Unsubscribed::NotSubscribed;
         };
-        if subs.remove(&session).is_none() {
+        let Some(i) = subs.iter().position(|(id, _)| *id == session) else {
             return Unsubscribed::NotSubscribed;
-        }
+        };
+        subs.swap_remove(i);
         self.metrics.subscriptions.dec();
         if subs.is_empty() {
             shard.remove(channel);
@@ -140,7 +145,7 @@ impl Hub {
         };
         let frame = Frame::new(protocol::message_frame(channel, payload, offset), born);
         let (mut queued, mut dropped) = (0, 0);
-        for outbox in subs.values() {
+        for (_, outbox) in subs {
             match outbox.push(frame.clone()) {
                 Push::Queued => queued += 1,
                 Push::Overflowed { dropped: n } => dropped += n,

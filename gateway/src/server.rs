@@ -23,9 +23,11 @@ use crate::hub::{Hub, SessionId};
 use crate::metrics::Metrics;
 use crate::{origin, protocol, session, ticker};
 
-/// Size of tungstenite's read buffer per connection. Client frames are small; the default
-/// (128 KiB, zero-filled on first read) would cost that much RSS per idle connection.
-const READ_BUFFER: usize = 4 * 1024;
+/// Size of tungstenite's read buffer per connection, allocated and zero-filled up front.
+/// Client frames are small (a subscribe is ~60 bytes), so a small buffer costs nothing but an
+/// extra read for the rare large publish; the default (128 KiB) would cost that much RSS per
+/// idle connection.
+const READ_BUFFER: usize = 256;
 /// tungstenite writes once its buffer holds this much; the session's `flush` writes the rest.
 /// Batches larger than this go out in several writes; the buffer keeps its capacity, so it is
 /// kept small for memory per connection.
@@ -47,6 +49,10 @@ pub struct Node {
     pub metrics: Metrics,
     /// Cancelled when the node drains: every session closes with 1001.
     pub sessions_shutdown: CancellationToken,
+    /// Bumped every `heartbeat.ping_interval_ms`: each session then pings its client or, if
+    /// it has been silent for `ping_timeout_ms`, closes with 4001. One node-wide tick instead
+    /// of a timer per session.
+    heartbeat: tokio::sync::watch::Sender<u64>,
     /// Sessions in flight, for the bounded drain.
     tracker: TaskTracker,
     /// Set at shutdown: `/readyz` answers 503, upgrades are refused.
@@ -82,6 +88,11 @@ impl Node {
             self.metrics.connections.inc();
             ConnectionSlot { node: self.clone() }
         })
+    }
+
+    /// A receiver of the node's heartbeat.
+    pub fn heartbeat(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.heartbeat.subscribe()
     }
 
     pub fn next_session_id(&self) -> SessionId {
@@ -121,6 +132,7 @@ pub async fn run(
         bus,
         metrics,
         sessions_shutdown: CancellationToken::new(),
+        heartbeat: tokio::sync::watch::channel(0).0,
         tracker: TaskTracker::new(),
         draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
@@ -134,6 +146,7 @@ pub async fn run(
         "gateway serving"
     );
 
+    tokio::spawn(heartbeat(node.clone(), background.clone()));
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(
         axum::serve(admin_listener, admin_router(node.clone()))
@@ -174,6 +187,19 @@ pub async fn run(
     admin_stop.cancel();
     let _ = admin.await;
     served.map_err(|e| RunError::Serve("listen", e))
+}
+
+/// Drive the node's heartbeat until shutdown.
+async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
+    let every = node.config.ping_interval();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => node.heartbeat.send_modify(|n| *n = n.wrapping_add(1)),
+        }
+    }
 }
 
 // === routers ===

@@ -7,13 +7,13 @@
 //! is guarded: a client that stops reading cannot pin the task, because overflow of its
 //! outbox, the heartbeat deadline and shutdown all interrupt the write.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use serde_json::value::RawValue;
 use tokio::time::timeout;
@@ -87,53 +87,60 @@ impl Bucket {
 struct Session {
     node: Arc<Node>,
     id: SessionId,
-    uuid: String,
-    client_id: String,
+    uuid: uuid::Uuid,
+    /// `user:<client_id>`; the client id is its suffix.
     personal: String,
+    /// The node's heartbeat: changes every `heartbeat.ping_interval_ms`.
+    beat: tokio::sync::watch::Receiver<u64>,
     outbox: Arc<Outbox>,
     /// Channels this session is subscribed to in the hub, the personal one included.
-    channels: HashSet<Box<str>>,
+    /// A Vec, not a set: at most `max_subscriptions` + 1 entries, and an idle session's
+    /// memory matters more than a linear scan on subscribe.
+    channels: Vec<Box<str>>,
     bucket: Bucket,
     last_seen: Instant,
 }
 
 /// Run a session to its end. Called by the upgrade handler; returns when the socket is done.
 pub async fn run(ws: WebSocket, node: Arc<Node>, params: Params) {
-    let span = tracing::info_span!("session", client_id = %params.client_id, peer = %params.peer);
+    // Debug level: an enabled span costs a few hundred bytes per session, so it exists only
+    // when someone asks for session logs (RUST_LOG=gateway=debug).
+    let span = tracing::debug_span!("session", client_id = %params.client_id, peer = %params.peer);
     tracing::Instrument::instrument(run_session(ws, node, params), span).await
 }
 
 async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
     let metrics = node.metrics.clone();
     let Some(_slot) = node.connection_slot() else {
-        metrics
-            .disconnects
-            .with_label_values(&[reason::MAX_CONNECTIONS])
-            .inc();
-        let _ = timeout(
-            CLOSE_TIMEOUT,
-            close_socket(&mut ws, close::TRY_AGAIN_LATER, "node at max_connections"),
-        )
-        .await;
+        let end = End::Close(close::TRY_AGAIN_LATER, reason::MAX_CONNECTIONS);
+        Box::pin(finish(ws, end, metrics)).await;
         return;
     };
     metrics.connections_total.inc();
     let limits = &node.config.limits;
     let mut session = Session {
         id: node.next_session_id(),
-        uuid: uuid::Uuid::new_v4().to_string(),
+        uuid: uuid::Uuid::new_v4(),
         personal: protocol::personal_channel(&params.client_id),
-        client_id: params.client_id,
+        beat: node.heartbeat(),
         outbox: Arc::new(Outbox::new(limits.send_queue_bytes)),
-        channels: HashSet::new(),
+        channels: Vec::new(),
         bucket: Bucket::new(limits.publish_rate, limits.publish_burst),
         last_seen: Instant::now(),
         node,
     };
     tracing::debug!(session = %session.uuid, "session open");
-    let end = session.serve(&mut ws, params.channels).await;
+    let end = match Box::pin(session.open(&mut ws, params.channels)).await {
+        Ok(()) => session.serve(&mut ws).await,
+        Err(end) => end,
+    };
     // Leave the hub first: nothing more is queued for a session that is closing.
     session.cleanup();
+    Box::pin(finish(ws, end, metrics)).await;
+}
+
+/// Count how the session ended and close the socket accordingly.
+async fn finish(mut ws: WebSocket, end: End, metrics: crate::metrics::Metrics) {
     match end {
         End::Close(code, why) => {
             tracing::debug!(code, reason = why, "closing session");
@@ -168,7 +175,9 @@ async fn close_socket(ws: &mut WebSocket, code: u16, reason: &str) {
 // === impl Session ===
 
 impl Session {
-    async fn serve(&mut self, ws: &mut WebSocket, requested: Vec<String>) -> End {
+    /// Connect-time subscriptions (the personal channel, then what the query named), then
+    /// the welcome frame and an error frame per refused channel.
+    async fn open(&mut self, ws: &mut WebSocket, requested: Vec<String>) -> Result<(), End> {
         // Subscriptions at connect: the personal channel, then what the query named.
         let mut refused = Vec::new();
         let mut waits = Vec::new();
@@ -192,21 +201,24 @@ impl Session {
             }
         }
         self.await_subscriptions(waits).await;
-        let welcome =
-            protocol::welcome_frame(&self.uuid, &self.client_id, &self.node.node_name, &joined);
-        if let Err(end) = self.send(ws, welcome).await {
-            return end;
-        }
+        let welcome = protocol::welcome_frame(
+            &self.uuid.to_string(),
+            self.client_id(),
+            &self.node.node_name,
+            &joined,
+        );
+        self.send(ws, welcome).await?;
         for (channel, (code, message)) in refused {
             let frame = protocol::error_frame(code, &message, Some(&channel), None);
-            if let Err(end) = self.send(ws, frame).await {
-                return end;
-            }
+            self.send(ws, frame).await?;
         }
+        Ok(())
+    }
 
-        let interval = self.node.config.ping_interval();
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// The steady state: one select loop until the session ends. Its future lives as long as
+    /// the connection, so it stays small: everything rare (client frames, pings, the start
+    /// and the close) runs in a boxed future that exists only while it runs.
+    async fn serve(&mut self, ws: &mut WebSocket) -> End {
         let mut batch: VecDeque<Frame> = VecDeque::new();
         let shutdown = self.node.sessions_shutdown.clone();
         loop {
@@ -221,15 +233,21 @@ impl Session {
                     }
                 }
                 msg = ws.recv() => {
-                    if let Some(end) = self.on_message(ws, msg).await {
+                    let text = match self.on_message(msg) {
+                        Ok(Some(text)) => text,
+                        Ok(None) => continue,
+                        Err(end) => return end,
+                    };
+                    if let Err(end) = Box::pin(self.on_text(ws, text.as_str())).await {
                         return end;
                     }
                 }
-                _ = ping.tick() => {
+                _ = self.beat.changed() => {
                     if self.last_seen.elapsed() >= self.node.config.ping_timeout() {
                         return End::Close(close::HEARTBEAT_TIMEOUT, reason::HEARTBEAT_TIMEOUT);
                     }
-                    if let Err(end) = self.guarded(ws.send(Message::Ping(Default::default()))).await {
+                    let ping = self.guarded(ws.send(Message::Ping(Default::default())));
+                    if let Err(end) = Box::pin(ping).await {
                         return end;
                     }
                 }
@@ -249,7 +267,7 @@ impl Session {
 
     /// Write one batch of queued frames: feed them all, flush once.
     async fn write_batch(
-        &self,
+        &mut self,
         ws: &mut WebSocket,
         batch: &mut VecDeque<Frame>,
     ) -> Result<(), End> {
@@ -274,40 +292,55 @@ impl Session {
         Ok(())
     }
 
-    /// Run a write, interrupted by outbox overflow, shutdown or the heartbeat deadline.
+    /// Run a write, interrupted by outbox overflow, shutdown or the heartbeat deadline
+    /// (checked on each node heartbeat, so a session owns no timer).
     async fn guarded(
-        &self,
+        &mut self,
         write: impl Future<Output = Result<(), axum::Error>>,
     ) -> Result<(), End> {
-        let deadline = self.last_seen + self.node.config.ping_timeout();
-        tokio::select! {
-            r = write => r.map_err(classify_error),
-            _ = self.outbox.overflow() => Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER)),
-            _ = self.node.sessions_shutdown.cancelled() => Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN)),
-            _ = tokio::time::sleep_until(deadline.into()) => Err(End::Close(close::HEARTBEAT_TIMEOUT, reason::HEARTBEAT_TIMEOUT)),
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                r = &mut write => return r.map_err(classify_error),
+                _ = self.outbox.overflow() => {
+                    return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
+                }
+                _ = self.node.sessions_shutdown.cancelled() => {
+                    return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
+                }
+                _ = self.beat.changed() => {
+                    if self.last_seen.elapsed() >= self.node.config.ping_timeout() {
+                        return Err(End::Close(close::HEARTBEAT_TIMEOUT, reason::HEARTBEAT_TIMEOUT));
+                    }
+                }
+            }
         }
     }
 
-    async fn send(&self, ws: &mut WebSocket, text: String) -> Result<(), End> {
+    async fn send(&mut self, ws: &mut WebSocket, text: String) -> Result<(), End> {
         self.guarded(ws.send(Message::Text(text.into()))).await
     }
 
-    async fn on_message(
+    fn client_id(&self) -> &str {
+        &self.personal[protocol::PERSONAL_PREFIX.len()..]
+    }
+
+    /// Classify what the socket gave: a text frame to handle, nothing to do, or the end.
+    fn on_message(
         &mut self,
-        ws: &mut WebSocket,
         msg: Option<Result<Message, axum::Error>>,
-    ) -> Option<End> {
+    ) -> Result<Option<Utf8Bytes>, End> {
         let msg = match msg {
-            None => return Some(End::Gone(reason::CLIENT_CLOSE)),
-            Some(Err(e)) => return Some(classify_error(e)),
+            None => return Err(End::Gone(reason::CLIENT_CLOSE)),
+            Some(Err(e)) => return Err(classify_error(e)),
             Some(Ok(msg)) => msg,
         };
         self.last_seen = Instant::now();
         match msg {
-            Message::Text(text) => self.on_text(ws, text.as_str()).await.err(),
-            Message::Binary(_) => Some(End::Close(close::UNSUPPORTED_DATA, reason::BINARY_FRAME)),
-            Message::Ping(_) | Message::Pong(_) => None,
-            Message::Close(_) => Some(End::Gone(reason::CLIENT_CLOSE)),
+            Message::Text(text) => Ok(Some(text)),
+            Message::Binary(_) => Err(End::Close(close::UNSUPPORTED_DATA, reason::BINARY_FRAME)),
+            Message::Ping(_) | Message::Pong(_) => Ok(None),
+            Message::Close(_) => Err(End::Gone(reason::CLIENT_CLOSE)),
         }
     }
 
@@ -389,7 +422,7 @@ impl Session {
         channel: &str,
         waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
     ) -> Result<(), (&'static str, String)> {
-        if self.channels.contains(channel) {
+        if self.channels.iter().any(|c| &**c == channel) {
             return Ok(());
         }
         let max = self.node.config.limits.max_subscriptions;
@@ -405,7 +438,7 @@ impl Session {
                 waits.push(wait);
             }
         }
-        self.channels.insert(channel.into());
+        self.channels.push(channel.into());
         Ok(())
     }
 
@@ -432,7 +465,8 @@ impl Session {
                 id,
             ));
         }
-        if self.channels.remove(channel) {
+        if let Some(i) = self.channels.iter().position(|c| &**c == channel) {
+            self.channels.swap_remove(i);
             self.remove_from_hub(channel);
         }
         Some(protocol::ack_frame("unsubscribed", channel, id))
