@@ -1,18 +1,24 @@
-//! A session's outbound queue: bounded in bytes, filled by the hub's fan-out, drained by the
-//! session's writer in batches.
+//! A session's outbound queue and wake-up point: bounded in bytes, filled by the hub's
+//! fan-out, drained by the session's writer in batches; it also carries the node's signals to
+//! the session (shutdown, heartbeat), so a session waits on nothing shared with other sessions.
 //!
 //! Overflow is a decision, not backpressure: the queue is emptied, marked overflowed, and the
 //! session closes with 4000 (SPEC §2). The hub never waits on a session.
 //!
-//! Wake-ups: the writer is notified only when the queue goes from empty to non-empty, so a
-//! burst of N frames costs one wake-up and one batch, however many frames arrive meanwhile.
+//! Wake-ups: exactly one task (the session) consumes an outbox, so waking it is an
+//! `AtomicWaker` plus flag bits, lock-free. The writer is woken only when the queue goes from
+//! empty to non-empty, so a burst of N frames costs one wake-up and one batch, however many
+//! frames arrive meanwhile.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
+use std::task::Poll;
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// One outgoing text frame. `text` is shared (refcounted) by every session it goes to.
 #[derive(Clone, Debug)]
@@ -43,6 +49,19 @@ pub enum Push {
     Closed,
 }
 
+/// Signals the node sends to a session through its outbox.
+pub mod signal {
+    /// The node is draining: close with 1001.
+    pub const SHUTDOWN: u8 = 1 << 0;
+    /// Heartbeat tick: ping the client, or close with 4001 if it has been silent too long.
+    pub const BEAT: u8 = 1 << 1;
+}
+
+/// Flag bits in `Outbox::wake`: why the session was woken.
+const READY: u8 = 1 << 0;
+/// Something that must interrupt a write in progress (overflow or a signal).
+const ABORT: u8 = 1 << 1;
+
 #[derive(Default)]
 struct State {
     frames: VecDeque<Frame>,
@@ -51,14 +70,16 @@ struct State {
     overflowed: bool,
 }
 
-/// The queue. Shared between the hub (producers) and one session (consumer).
+/// The queue. Shared between the hub and the node (producers) and one session (consumer).
 pub struct Outbox {
     /// std Mutex: held only for a push or a swap, never across `.await`.
     state: Mutex<State>,
-    /// Wakes the writer: queue became non-empty, or overflowed.
-    ready: Notify,
-    /// Interrupts a write in progress: the queue overflowed.
-    abort: Notify,
+    /// The session task's waker.
+    waker: AtomicWaker,
+    /// READY / ABORT bits, set by producers, cleared by the session.
+    wake: AtomicU8,
+    /// `signal::*` bits not yet seen by the session.
+    signals: AtomicU8,
     limit: usize,
 }
 
@@ -66,8 +87,9 @@ impl Outbox {
     pub fn new(limit: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
-            ready: Notify::new(),
-            abort: Notify::new(),
+            waker: AtomicWaker::new(),
+            wake: AtomicU8::new(0),
+            signals: AtomicU8::new(0),
             limit,
         }
     }
@@ -76,6 +98,11 @@ impl Outbox {
         // A poisoned lock means a panic while pushing; the state is still consistent (every
         // mutation is a single field update), so keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self, bits: u8) {
+        self.wake.fetch_or(bits, Ordering::AcqRel);
+        self.waker.wake();
     }
 
     /// Queue a frame. Never blocks beyond the short lock.
@@ -92,8 +119,7 @@ impl Outbox {
             state.closed = true;
             state.overflowed = true;
             drop(state);
-            self.ready.notify_one();
-            self.abort.notify_one();
+            self.wake(READY | ABORT);
             return Push::Overflowed { dropped };
         }
         let was_empty = state.frames.is_empty();
@@ -101,19 +127,47 @@ impl Outbox {
         state.bytes += len;
         drop(state);
         if was_empty {
-            self.ready.notify_one();
+            self.wake(READY);
         }
         Push::Queued
     }
 
-    /// Wait until there is something to take (or the queue overflowed). Cancel-safe.
-    pub async fn ready(&self) {
-        self.ready.notified().await
+    /// Deliver a node signal (`signal::*`) to the session, interrupting a write in progress.
+    pub fn signal(&self, bits: u8) {
+        self.signals.fetch_or(bits, Ordering::AcqRel);
+        self.wake(READY | ABORT);
     }
 
-    /// Completes when the queue has overflowed (at once if it already has). Cancel-safe.
-    pub async fn overflow(&self) {
-        self.abort.notified().await
+    /// Take the signals delivered since the last call.
+    pub fn take_signals(&self) -> u8 {
+        self.signals.swap(0, Ordering::AcqRel)
+    }
+
+    /// Wait for the bit `bit` of `wake`, and clear it. Only the session task calls this.
+    async fn wait(&self, bit: u8) {
+        poll_fn(|cx| {
+            if self.wake.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A producer may have set the bit between the check and the registration.
+            if self.wake.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Wait until there is something to take, a signal, or an overflow. Cancel-safe.
+    pub async fn ready(&self) {
+        self.wait(READY).await
+    }
+
+    /// Wait until a write in progress must be interrupted: overflow or a signal. Cancel-safe.
+    pub async fn interrupted(&self) {
+        self.wait(ABORT).await
     }
 
     /// Move every queued frame into `batch` (which should be empty). Returns false when the
@@ -126,6 +180,11 @@ impl Outbox {
         std::mem::swap(&mut state.frames, batch);
         state.bytes = 0;
         true
+    }
+
+    /// Whether the queue overflowed.
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflowed
     }
 
     /// Refuse further frames (the session is ending); returns how many queued frames were
@@ -143,6 +202,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn frame(s: &str) -> Frame {
         Frame::new(s.to_owned(), Instant::now())
@@ -158,6 +218,7 @@ mod tests {
         let mut batch = VecDeque::new();
         assert!(!q.take(&mut batch));
         assert!(batch.is_empty());
+        assert!(q.overflowed());
     }
 
     #[test]
@@ -176,18 +237,44 @@ mod tests {
         let q = Outbox::new(1000);
         q.push(frame("a"));
         q.push(frame("b"));
-        // The permit stored by the first push completes this at once.
-        tokio::time::timeout(std::time::Duration::from_secs(1), q.ready())
+        // The bit set by the first push completes this at once.
+        tokio::time::timeout(Duration::from_secs(1), q.ready())
             .await
             .unwrap();
         let mut batch = VecDeque::new();
         q.take(&mut batch);
         assert_eq!(batch.len(), 2);
-        // No second permit was stored for the second push.
+        // The second push (queue not empty) set nothing.
+        assert!(tokio::time::timeout(Duration::from_millis(50), q.ready())
+            .await
+            .is_err());
+        // A plain push does not interrupt writes; overflow and signals do.
+        q.push(frame("c"));
         assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(50), q.ready())
+            tokio::time::timeout(Duration::from_millis(50), q.interrupted())
                 .await
                 .is_err()
         );
+        q.signal(signal::BEAT);
+        tokio::time::timeout(Duration::from_secs(1), q.interrupted())
+            .await
+            .unwrap();
+        assert_eq!(q.take_signals(), signal::BEAT);
+        assert_eq!(q.take_signals(), 0);
+    }
+
+    #[tokio::test]
+    async fn wakes_a_waiting_task() {
+        let q = std::sync::Arc::new(Outbox::new(1000));
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.ready().await }
+        });
+        tokio::task::yield_now().await;
+        q.push(frame("x"));
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

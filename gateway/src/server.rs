@@ -1,10 +1,11 @@
 //! The node: shared state, the public and admin HTTP routers, the WebSocket upgrade, and
 //! [`run`], which serves both listeners until shutdown and then drains.
 
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
@@ -21,6 +22,7 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::hub::{Hub, SessionId};
 use crate::metrics::Metrics;
+use crate::outbox::{signal, Outbox};
 use crate::{origin, protocol, session, ticker};
 
 /// Size of tungstenite's read buffer per connection, allocated and zero-filled up front.
@@ -29,9 +31,9 @@ use crate::{origin, protocol, session, ticker};
 /// idle connection.
 const READ_BUFFER: usize = 256;
 /// tungstenite writes once its buffer holds this much; the session's `flush` writes the rest.
-/// Batches larger than this go out in several writes; the buffer keeps its capacity, so it is
-/// kept small for memory per connection.
-const WRITE_BUFFER: usize = 16 * 1024;
+/// ~37 frames of 110 bytes per `write()` is past the point of diminishing returns, and the
+/// buffer keeps its capacity for the connection's life, so it is kept small.
+const WRITE_BUFFER: usize = 4 * 1024;
 
 /// Why the node could not run.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub enum RunError {
     Serve(&'static str, std::io::Error),
 }
 
+/// One shard of the node's session registry.
+type SessionShard = HashMap<SessionId, Arc<Outbox>>;
+
 /// State shared by every session and handler of one node.
 pub struct Node {
     pub config: Config,
@@ -47,12 +52,10 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub bus: Bus,
     pub metrics: Metrics,
-    /// Cancelled when the node drains: every session closes with 1001.
-    pub sessions_shutdown: CancellationToken,
-    /// Bumped every `heartbeat.ping_interval_ms`: each session then pings its client or, if
-    /// it has been silent for `ping_timeout_ms`, closes with 4001. One node-wide tick instead
-    /// of a timer per session.
-    heartbeat: tokio::sync::watch::Sender<u64>,
+    /// Every open session's outbox, for the node's signals (shutdown, heartbeat): sessions
+    /// wait only on their own outbox, never on something shared with every other session.
+    /// Sharded std Mutexes, held for an insert, a remove, or one pass of signals.
+    sessions: Box<[Mutex<SessionShard>]>,
     /// Sessions in flight, for the bounded drain.
     tracker: TaskTracker,
     /// Set at shutdown: `/readyz` answers 503, upgrades are refused.
@@ -90,9 +93,38 @@ impl Node {
         })
     }
 
-    /// A receiver of the node's heartbeat.
-    pub fn heartbeat(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.heartbeat.subscribe()
+    fn sessions_shard(
+        &self,
+        id: SessionId,
+    ) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Outbox>>> {
+        let shard = &self.sessions[id as usize % self.sessions.len()];
+        // Poisoning: the critical sections only insert, remove or iterate.
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Make a session reachable by the node's signals. A session that registers while the
+    /// node drains is told at once.
+    pub fn register(&self, id: SessionId, outbox: &Arc<Outbox>) {
+        self.sessions_shard(id).insert(id, outbox.clone());
+        // After the insert: a drain that started earlier may have signalled this shard
+        // already, and set `draining` before it did.
+        if self.draining.load(Ordering::SeqCst) {
+            outbox.signal(signal::SHUTDOWN);
+        }
+    }
+
+    pub fn unregister(&self, id: SessionId) {
+        self.sessions_shard(id).remove(&id);
+    }
+
+    /// Send `bits` (`outbox::signal::*`) to every session.
+    fn signal_all(&self, bits: u8) {
+        for i in 0..self.sessions.len() {
+            let shard = self.sessions[i].lock().unwrap_or_else(|e| e.into_inner());
+            for outbox in shard.values() {
+                outbox.signal(bits);
+            }
+        }
     }
 
     pub fn next_session_id(&self) -> SessionId {
@@ -131,8 +163,7 @@ pub async fn run(
         hub,
         bus,
         metrics,
-        sessions_shutdown: CancellationToken::new(),
-        heartbeat: tokio::sync::watch::channel(0).0,
+        sessions: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
         tracker: TaskTracker::new(),
         draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
@@ -168,8 +199,8 @@ pub async fn run(
     let served = public.await;
 
     // Drain: close every session with 1001 and wait for them, bounded.
-    node.draining.store(true, Ordering::Relaxed);
-    node.sessions_shutdown.cancel();
+    node.draining.store(true, Ordering::SeqCst);
+    node.signal_all(signal::SHUTDOWN);
     node.tracker.close();
     let open = node.tracker.len();
     if tokio::time::timeout(node.config.drain_timeout(), node.tracker.wait())
@@ -189,7 +220,8 @@ pub async fn run(
     served.map_err(|e| RunError::Serve("listen", e))
 }
 
-/// Drive the node's heartbeat until shutdown.
+/// The node's heartbeat: every `heartbeat.ping_interval_ms` each session pings its client or,
+/// silent for `ping_timeout_ms`, closes with 4001. One node-wide tick, no timer per session.
 async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
     let every = node.config.ping_interval();
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -197,7 +229,7 @@ async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => node.heartbeat.send_modify(|n| *n = n.wrapping_add(1)),
+            _ = tick.tick() => node.signal_all(signal::BEAT),
         }
     }
 }

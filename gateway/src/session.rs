@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite;
 
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
 use crate::metrics::reason;
-use crate::outbox::{Frame, Outbox};
+use crate::outbox::{signal, Frame, Outbox};
 use crate::protocol::{self, close, ClientFrame};
 use crate::server::Node;
 
@@ -90,8 +90,6 @@ struct Session {
     uuid: uuid::Uuid,
     /// `user:<client_id>`; the client id is its suffix.
     personal: String,
-    /// The node's heartbeat: changes every `heartbeat.ping_interval_ms`.
-    beat: tokio::sync::watch::Receiver<u64>,
     outbox: Arc<Outbox>,
     /// Channels this session is subscribed to in the hub, the personal one included.
     /// A Vec, not a set: at most `max_subscriptions` + 1 entries, and an idle session's
@@ -106,7 +104,12 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, params: Params) {
     // Debug level: an enabled span costs a few hundred bytes per session, so it exists only
     // when someone asks for session logs (RUST_LOG=gateway=debug).
     let span = tracing::debug_span!("session", client_id = %params.client_id, peer = %params.peer);
-    tracing::Instrument::instrument(run_session(ws, node, params), span).await
+    if span.is_disabled() {
+        // Skip the span's enter/exit on every poll when nobody listens.
+        run_session(ws, node, params).await
+    } else {
+        tracing::Instrument::instrument(run_session(ws, node, params), span).await
+    }
 }
 
 async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
@@ -122,7 +125,6 @@ async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
         id: node.next_session_id(),
         uuid: uuid::Uuid::new_v4(),
         personal: protocol::personal_channel(&params.client_id),
-        beat: node.heartbeat(),
         outbox: Arc::new(Outbox::new(limits.send_queue_bytes)),
         channels: Vec::new(),
         bucket: Bucket::new(limits.publish_rate, limits.publish_burst),
@@ -130,6 +132,7 @@ async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
         node,
     };
     tracing::debug!(session = %session.uuid, "session open");
+    session.node.register(session.id, &session.outbox);
     let end = match Box::pin(session.open(&mut ws, params.channels)).await {
         Ok(()) => session.serve(&mut ws).await,
         Err(end) => end,
@@ -220,11 +223,15 @@ impl Session {
     /// and the close) runs in a boxed future that exists only while it runs.
     async fn serve(&mut self, ws: &mut WebSocket) -> End {
         let mut batch: VecDeque<Frame> = VecDeque::new();
-        let shutdown = self.node.sessions_shutdown.clone();
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return End::Close(close::GOING_AWAY, reason::SHUTDOWN),
                 _ = self.outbox.ready() => {
+                    let signals = self.outbox.take_signals();
+                    if signals != 0 {
+                        if let Err(end) = Box::pin(self.on_signals(ws, signals)).await {
+                            return end;
+                        }
+                    }
                     if !self.outbox.take(&mut batch) {
                         return End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER);
                     }
@@ -242,16 +249,32 @@ impl Session {
                         return end;
                     }
                 }
-                _ = self.beat.changed() => {
-                    if self.last_seen.elapsed() >= self.node.config.ping_timeout() {
-                        return End::Close(close::HEARTBEAT_TIMEOUT, reason::HEARTBEAT_TIMEOUT);
-                    }
-                    let ping = self.guarded(ws.send(Message::Ping(Default::default())));
-                    if let Err(end) = Box::pin(ping).await {
-                        return end;
-                    }
-                }
             }
+        }
+    }
+
+    /// Act on the node's signals: drain (1001), or heartbeat (ping, or 4001 when the client
+    /// has been silent for `ping_timeout_ms`).
+    async fn on_signals(&mut self, ws: &mut WebSocket, signals: u8) -> Result<(), End> {
+        if signals & signal::SHUTDOWN != 0 {
+            return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
+        }
+        if signals & signal::BEAT != 0 {
+            self.check_heartbeat()?;
+            self.guarded(ws.send(Message::Ping(Default::default())))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn check_heartbeat(&self) -> Result<(), End> {
+        if self.last_seen.elapsed() >= self.node.config.ping_timeout() {
+            Err(End::Close(
+                close::HEARTBEAT_TIMEOUT,
+                reason::HEARTBEAT_TIMEOUT,
+            ))
+        } else {
+            Ok(())
         }
     }
 
@@ -285,8 +308,9 @@ impl Session {
                 .delivery_latency
                 .observe(now.saturating_duration_since(frame.born).as_secs_f64());
         }
-        // Don't let one burst pin a large buffer to an otherwise idle session.
-        if batch.capacity() > 1024 {
+        // Don't let one burst pin a large buffer to an otherwise idle session (the outbox
+        // gets this deque back at the next swap).
+        if batch.capacity() > 16 {
             *batch = VecDeque::new();
         }
         Ok(())
@@ -302,16 +326,17 @@ impl Session {
         loop {
             tokio::select! {
                 r = &mut write => return r.map_err(classify_error),
-                _ = self.outbox.overflow() => {
-                    return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
-                }
-                _ = self.node.sessions_shutdown.cancelled() => {
-                    return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
-                }
-                _ = self.beat.changed() => {
-                    if self.last_seen.elapsed() >= self.node.config.ping_timeout() {
-                        return Err(End::Close(close::HEARTBEAT_TIMEOUT, reason::HEARTBEAT_TIMEOUT));
+                _ = self.outbox.interrupted() => {
+                    if self.outbox.overflowed() {
+                        return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
                     }
+                    let signals = self.outbox.take_signals();
+                    if signals & signal::SHUTDOWN != 0 {
+                        return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
+                    }
+                    // A heartbeat while blocked: no ping (the client is not reading anyway),
+                    // but the deadline holds.
+                    self.check_heartbeat()?;
                 }
             }
         }
@@ -515,6 +540,7 @@ impl Session {
     }
 
     fn cleanup(&mut self) {
+        self.node.unregister(self.id);
         let dropped = self.outbox.close();
         if dropped > 0 {
             self.node

@@ -179,7 +179,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cpu_before: Vec<f64> = args.pids.iter().map(|p| cpu_secs(*p)).collect();
     let publish_started = Instant::now();
     if args.rate > 0 {
-        published = publish(&args).await?;
+        // The publisher gets its own thread and runtime, so that thousands of busy reader
+        // tasks cannot make it fall behind its rate.
+        let publish_args = args.clone();
+        published = tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(publish(&publish_args))
+        })
+        .await??;
     }
     let publish_secs = publish_started.elapsed().as_secs_f64();
     // Wait for in-flight deliveries.
