@@ -2,8 +2,9 @@
 //! then an optional TOML file, then `GATEWAY__…` environment variables, then command-line
 //! overrides; validated completely before anything binds (SPEC §4).
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -11,8 +12,16 @@ use serde::{Deserialize, Serialize};
 use crate::protocol;
 
 /// Keys whose environment values are split on commas (and only these, so that secrets may
-/// contain commas).
-const LIST_KEYS: &[&str] = &["origins", "client_publish", "default_channels"];
+/// contain commas: `auth.secret` is not one of them).
+const LIST_KEYS: &[&str] = &[
+    "origins",
+    "client_publish",
+    "default_channels",
+    "auth.secrets",
+];
+
+/// Shortest HS256 secret accepted: RFC 7518 §3.2 requires a key at least as long as the hash.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Why the configuration was refused. The message always names the key.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +59,7 @@ pub struct Config {
     pub default_channels: Vec<String>,
     /// Allowed browser origins: empty = same host only; `*` = any; `*.example.com` patterns.
     pub origins: Vec<String>,
+    pub auth: AuthConfig,
     pub limits: Limits,
     pub heartbeat: Heartbeat,
     /// How long shutdown waits for sessions to close.
@@ -78,10 +88,54 @@ pub struct RedisConfig {
     pub resubscribe_batch: usize,
 }
 
+/// Client authentication (`auth.rs`). No key configured = auth off.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret (`GATEWAY__AUTH__SECRET`; never split on commas).
+    pub secret: Option<Secret>,
+    /// More HS256 secrets, any of which verifies (rotation); a list key.
+    pub secrets: Vec<Secret>,
+    /// PEM public key (RSA → RS256, EC P-256 → ES256) for tokens signed elsewhere.
+    pub public_key_file: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        self.secret.is_some() || !self.secrets.is_empty() || self.public_key_file.is_some()
+    }
+}
+
+/// A string kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Sessions per client IP address; 0 = no limit. Behind a proxy every client has the
+    /// proxy's address: limit at the proxy instead.
+    pub max_connections_per_ip: usize,
+    /// A connection must complete its HTTP request head (the upgrade) within this long.
+    pub handshake_timeout_ms: u64,
     pub max_message_bytes: usize,
     pub max_subscriptions: usize,
     pub send_queue_bytes: usize,
@@ -110,6 +164,7 @@ impl Default for Config {
             client_publish: vec!["chat:*".into()],
             default_channels: vec!["ticks".into()],
             origins: Vec::new(),
+            auth: AuthConfig::default(),
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             drain_timeout_ms: 10_000,
@@ -137,6 +192,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 100_000,
+            max_connections_per_ip: 0,
+            handshake_timeout_ms: 10_000,
             max_message_bytes: 65_536,
             max_subscriptions: 128,
             send_queue_bytes: 1_048_576,
@@ -261,7 +318,12 @@ impl Config {
                 ));
             }
         }
+        self.validate_auth()?;
         positive("limits.max_connections", self.limits.max_connections as u64)?;
+        positive(
+            "limits.handshake_timeout_ms",
+            self.limits.handshake_timeout_ms,
+        )?;
         if self.limits.max_message_bytes < 128 {
             return Err(invalid("limits.max_message_bytes", "must be at least 128"));
         }
@@ -283,6 +345,30 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        let secrets = auth
+            .secret
+            .iter()
+            .map(|s| ("auth.secret", s))
+            .chain(auth.secrets.iter().map(|s| ("auth.secrets", s)));
+        for (key, secret) in secrets {
+            if secret.expose().len() < MIN_SECRET_BYTES {
+                return Err(invalid(
+                    key,
+                    format!("an HS256 secret must be at least {MIN_SECRET_BYTES} bytes"),
+                ));
+            }
+        }
+        crate::auth::Verifier::from_config(auth)
+            .map_err(|e| invalid(e.key, e.message))
+            .map(|_| ())
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.handshake_timeout_ms)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -403,6 +489,36 @@ mod tests {
         let e =
             Config::load_from_env(None, &[], env(&[("GATEWAY__LISTEN", "nowhere")])).unwrap_err();
         assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn auth_keys() {
+        let secret = "s3cret,with,commas-and-at-least-32-bytes";
+        let c = Config::load_from_env(
+            None,
+            &[],
+            env(&[
+                ("GATEWAY__AUTH__SECRET", secret),
+                (
+                    "GATEWAY__AUTH__SECRETS",
+                    "old-secret-of-at-least-thirty-two-bytes,older-secret-of-at-least-32-bytes",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.auth.secret.as_ref().unwrap().expose(), secret);
+        assert_eq!(c.auth.secrets.len(), 2);
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let e = Config::load_from_env(None, &[], env(&[("GATEWAY__AUTH__SECRET", "short")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("auth.secret"), "{e}");
+        let e = Config::load_from_env(
+            None,
+            &[],
+            env(&[("GATEWAY__AUTH__PUBLIC_KEY_FILE", "/nonexistent.pem")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("auth.public_key_file"), "{e}");
     }
 
     #[test]

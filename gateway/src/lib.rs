@@ -13,8 +13,12 @@
 //! - [`bus`]: Redis pub/sub (or the in-process memory bus): subscribe, resubscribe, reconnect.
 //! - [`protocol`]: client and server frames, close codes, channel names and patterns.
 //! - [`origin`]: the browser Origin allowlist.
+//! - [`auth`]: JWT verification and what a token allows.
+//! - [`accept`]: the accept loop (HTTP/1.1, handshake deadline, graceful stop).
 //! - [`config`], [`metrics`], [`shutdown`], [`ticker`], [`cli`].
 
+pub mod accept;
+pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -37,6 +37,13 @@ pub mod reason {
     pub const BINARY_FRAME: &str = "binary_frame";
     pub const INVALID_UTF8: &str = "invalid_utf8";
     pub const MAX_CONNECTIONS: &str = "max_connections";
+    pub const MAX_CONNECTIONS_PER_IP: &str = "max_connections_per_ip";
+    /// Refused at connect: no token, or a bad or expired one (4401).
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// The session's token expired without a refresh (4401).
+    pub const TOKEN_EXPIRED: &str = "token_expired";
+    /// Refused at connect: Origin not in `origins` (4403).
+    pub const ORIGIN_FORBIDDEN: &str = "origin_forbidden";
     pub const IO_ERROR: &str = "io_error";
     /// `gateway_messages_dropped_total` only: frames still queued when their session ended.
     pub const SESSION_CLOSED: &str = "session_closed";
@@ -117,6 +124,8 @@ impl Metrics {
             reason::SHUTDOWN,
             reason::SLOW_CONSUMER,
             reason::HEARTBEAT_TIMEOUT,
+            reason::UNAUTHORIZED,
+            reason::ORIGIN_FORBIDDEN,
         ] {
             m.disconnects.with_label_values(&[r]);
         }

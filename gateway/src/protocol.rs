@@ -81,6 +81,15 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&b| b == b'*')
 }
 
+/// Whether `pattern` is a channel pattern: a channel name in which `*` may stand anywhere.
+pub fn valid_pattern(pattern: &str) -> bool {
+    !pattern.is_empty()
+        && pattern.len() <= MAX_CHANNEL_LEN
+        && pattern.bytes().all(|b| {
+            b == b'*' || b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@')
+        })
+}
+
 /// Whether any of `patterns` matches `name`.
 pub fn any_matches(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| pattern_matches(p, name))
@@ -106,6 +115,11 @@ pub enum ClientFrame<'a> {
         id: Option<&'a RawValue>,
     },
     Ping {
+        id: Option<&'a RawValue>,
+    },
+    /// A fresh token for the same `sub`, extending the session past the current `exp`.
+    Refresh {
+        token: String,
         id: Option<&'a RawValue>,
     },
 }
@@ -148,6 +162,7 @@ struct RawFrame<'a> {
     since: Option<String>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    token: Option<String>,
 }
 
 /// Best-effort extraction of a request id from a frame that failed to parse, so that the
@@ -205,6 +220,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
             id: raw.id,
         }),
         "ping" => Ok(ClientFrame::Ping { id: raw.id }),
+        "refresh" => Ok(ClientFrame::Refresh {
+            token: raw.token.ok_or(FrameError::MissingField("token"))?,
+            id: raw.id,
+        }),
         other => Err(FrameError::UnknownType(truncate(other, 64))),
     }
 }
@@ -285,6 +304,14 @@ pub fn ack_frame(kind: &str, channel: &str, id: Option<&RawValue>) -> String {
 /// `{"type":"pong","id":…}`.
 pub fn pong_frame(id: Option<&RawValue>) -> String {
     let mut out = String::from(r#"{"type":"pong""#);
+    push_id(&mut out, id);
+    out.push('}');
+    out
+}
+
+/// `{"type":"refreshed","id":…}`: the acknowledgement of a token refresh.
+pub fn refreshed_frame(id: Option<&RawValue>) -> String {
+    let mut out = String::from(r#"{"type":"refreshed""#);
     push_id(&mut out, id);
     out.push('}');
     out

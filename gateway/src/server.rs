@@ -2,8 +2,7 @@
 //! [`run`], which serves both listeners until shutdown and then drains.
 
 use std::collections::HashMap;
-use std::future::IntoFuture;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -18,12 +17,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{AuthError, Verifier};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::hub::{Hub, SessionId};
-use crate::metrics::Metrics;
+use crate::metrics::{reason, Metrics};
 use crate::outbox::{signal, Outbox};
-use crate::{origin, protocol, session, ticker};
+use crate::protocol::close;
+use crate::{accept, origin, protocol, session, ticker};
 
 /// Size of tungstenite's read buffer per connection, allocated and zero-filled up front.
 /// Client frames are small (a subscribe is ~60 bytes), so a small buffer costs nothing but an
@@ -38,8 +39,8 @@ const WRITE_BUFFER: usize = 4 * 1024;
 /// Why the node could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("serving {0}: {1}")]
-    Serve(&'static str, std::io::Error),
+    #[error("configuration key `{}`: {}", .0.key, .0.message)]
+    Auth(crate::auth::KeyError),
 }
 
 /// One shard of the node's session registry.
@@ -52,6 +53,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub bus: Bus,
     pub metrics: Metrics,
+    /// Token verification; None = auth off.
+    pub verifier: Option<Verifier>,
     /// Every open session's outbox, for the node's signals (shutdown, heartbeat): sessions
     /// wait only on their own outbox, never on something shared with every other session.
     /// Sharded std Mutexes, held for an insert, a remove, or one pass of signals.
@@ -61,36 +64,92 @@ pub struct Node {
     /// Set at shutdown: `/readyz` answers 503, upgrades are refused.
     draining: AtomicBool,
     connections: AtomicUsize,
+    /// Sessions per client address (IPv6: per /64), when `limits.max_connections_per_ip` is
+    /// set. Sharded std Mutexes, held for one increment or decrement; an address leaves the
+    /// map with its last session, so the map is bounded by the open sessions.
+    per_ip: Box<[Mutex<HashMap<IpAddr, u32>>]>,
     next_session: AtomicU64,
 }
 
-/// Holds one of the node's `max_connections` slots; released on drop.
+/// Holds one of the node's `max_connections` slots (and of its address's
+/// `max_connections_per_ip`); released on drop.
 pub struct ConnectionSlot {
     node: Arc<Node>,
+    ip: Option<IpAddr>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut shard = self.node.per_ip_shard(ip);
+            if let Some(n) = shard.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    shard.remove(&ip);
+                }
+            }
+        }
         self.node.connections.fetch_sub(1, Ordering::Relaxed);
         self.node.metrics.connections.dec();
+    }
+}
+
+/// The key clients are counted under: the address, IPv4-mapped IPv6 as IPv4, and IPv6 by its
+/// /64 (one subscriber's allocation, which an attacker can spread over freely).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (!0u128 << 64)).into()),
+        v4 => v4,
     }
 }
 
 // === impl Node ===
 
 impl Node {
-    /// Take a connection slot, or None at `limits.max_connections`.
-    pub fn connection_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
+    /// Take a connection slot for a client at `peer`, or the close code and reason: 1013 at
+    /// `limits.max_connections`, or at `limits.max_connections_per_ip` for its address.
+    pub fn connection_slot(
+        self: &Arc<Self>,
+        peer: IpAddr,
+    ) -> Result<ConnectionSlot, (u16, &'static str)> {
         let max = self.config.limits.max_connections;
         let taken = self
             .connections
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             });
-        taken.ok().map(|_| {
-            self.metrics.connections.inc();
-            ConnectionSlot { node: self.clone() }
-        })
+        if taken.is_err() {
+            return Err((close::TRY_AGAIN_LATER, reason::MAX_CONNECTIONS));
+        }
+        self.metrics.connections.inc();
+        // From here on the slot's Drop gives back what was taken.
+        let mut slot = ConnectionSlot {
+            node: self.clone(),
+            ip: None,
+        };
+        let per_ip = self.config.limits.max_connections_per_ip;
+        if per_ip > 0 {
+            let ip = address_key(peer);
+            let mut shard = self.per_ip_shard(ip);
+            let n = shard.entry(ip).or_insert(0);
+            if *n as usize >= per_ip {
+                return Err((close::TRY_AGAIN_LATER, reason::MAX_CONNECTIONS_PER_IP));
+            }
+            *n += 1;
+            drop(shard);
+            slot.ip = Some(ip);
+        }
+        Ok(slot)
+    }
+
+    fn per_ip_shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        let h = match ip {
+            IpAddr::V4(v4) => u32::from(v4) as usize,
+            IpAddr::V6(v6) => (u128::from(v6) >> 64) as usize,
+        };
+        let shard = &self.per_ip[h % self.per_ip.len()];
+        // Poisoning: the critical sections only count.
+        shard.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn sessions_shard(
@@ -145,6 +204,7 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let verifier = Verifier::from_config(&config.auth).map_err(RunError::Auth)?;
     let metrics = Metrics::new();
     let hub = Arc::new(Hub::new(metrics.clone()));
     // The bus and the ticker outlive the sessions' drain, so they have their own token.
@@ -163,10 +223,12 @@ pub async fn run(
         hub,
         bus,
         metrics,
+        verifier,
         sessions: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
         tracker: TaskTracker::new(),
         draining: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        per_ip: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
         next_session: AtomicU64::new(1),
     });
     tracing::info!(
@@ -174,29 +236,35 @@ pub async fn run(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         bus = if node.config.redis.url.is_some() { "redis" } else { "memory" },
+        auth = node.verifier.is_some(),
         "gateway serving"
     );
 
     tokio::spawn(heartbeat(node.clone(), background.clone()));
+    let handshake = node.config.handshake_timeout();
     let admin_stop = CancellationToken::new();
-    let admin = tokio::spawn(
-        axum::serve(admin_listener, admin_router(node.clone()))
-            .with_graceful_shutdown(admin_stop.clone().cancelled_owned())
-            .into_future(),
-    );
-    let public = axum::serve(
-        listener,
-        public_router(node.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown({
-        let node = node.clone();
-        let shutdown = shutdown.clone();
+    let admin = tokio::spawn(accept::serve(
+        admin_listener,
+        admin_router(node.clone()),
+        handshake,
+        admin_stop.clone(),
+    ));
+    let public_stop = CancellationToken::new();
+    tokio::spawn({
+        let (node, shutdown, public_stop) = (node.clone(), shutdown.clone(), public_stop.clone());
         async move {
             shutdown.cancelled().await;
             node.draining.store(true, Ordering::Relaxed);
+            public_stop.cancel();
         }
     });
-    let served = public.await;
+    accept::serve(
+        listener,
+        public_router(node.clone()),
+        handshake,
+        public_stop,
+    )
+    .await;
 
     // Drain: close every session with 1001 and wait for them, bounded.
     node.draining.store(true, Ordering::SeqCst);
@@ -217,7 +285,7 @@ pub async fn run(
     background.cancel();
     admin_stop.cancel();
     let _ = admin.await;
-    served.map_err(|e| RunError::Serve("listen", e))
+    Ok(())
 }
 
 /// The node's heartbeat: every `heartbeat.ping_interval_ms` each session pings its client or,
@@ -328,6 +396,14 @@ struct WsQuery {
     client_id: Option<String>,
     #[serde(rename = "Id")]
     id: Option<String>,
+    token: Option<String>,
+}
+
+/// The token of `Authorization: Bearer <token>`.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 async fn ws_handler(
@@ -352,19 +428,44 @@ async fn ws_handler(
         Ok(Query(query)) => query,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
     };
+    let upgrade = upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(node.config.limits.max_message_bytes)
+        .max_frame_size(node.config.limits.max_message_bytes);
+    // Refusals of a WebSocket client are close codes after the upgrade, not HTTP statuses:
+    // a browser's WebSocket API shows neither the status nor the body of a refused upgrade.
     if let Err(message) = origin::check(&node.config.origins, &headers) {
-        return error(StatusCode::FORBIDDEN, "origin_not_allowed", message);
+        let refusal = (close::FORBIDDEN_ORIGIN, reason::ORIGIN_FORBIDDEN, message);
+        return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
     }
-    let client_id = match query.client_id.or(query.id) {
-        Some(id) if protocol::valid_client_id(&id) => id,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_client_id",
-                "client_id must be 1-123 chars of A-Z a-z 0-9 _ - . : @",
-            )
+    let (client_id, grant) = match &node.verifier {
+        // With auth on, the identity comes from the token only; `client_id`/`Id` are ignored.
+        Some(verifier) => {
+            let token = query.token.as_deref().or_else(|| bearer(&headers));
+            match token
+                .ok_or(AuthError::Missing)
+                .and_then(|t| verifier.verify(t))
+            {
+                Ok(grant) => (grant.sub.clone(), Some(Box::new(grant))),
+                Err(e) => {
+                    let refusal = (close::UNAUTHORIZED, reason::UNAUTHORIZED, e.to_string());
+                    return upgrade
+                        .on_upgrade(move |socket| session::refuse(socket, node, refusal));
+                }
+            }
         }
-        None => uuid::Uuid::new_v4().simple().to_string(),
+        None => match query.client_id.or(query.id) {
+            Some(id) if protocol::valid_client_id(&id) => (id, None),
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_client_id",
+                    "client_id must be 1-123 chars of A-Z a-z 0-9 _ - . : @",
+                )
+            }
+            None => (uuid::Uuid::new_v4().simple().to_string(), None),
+        },
     };
     let channels: Vec<String> = query
         .channels
@@ -375,17 +476,12 @@ async fn ws_handler(
         .filter(|c| !c.is_empty())
         .map(str::to_owned)
         .collect();
-    let limits = &node.config.limits;
     let params = session::Params {
         client_id,
         channels,
         peer,
+        grant,
     };
     let tracker = node.tracker.clone();
-    upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(limits.max_message_bytes)
-        .max_frame_size(limits.max_message_bytes)
-        .on_upgrade(move |socket| tracker.track_future(session::run(socket, node, params)))
+    upgrade.on_upgrade(move |socket| tracker.track_future(session::run(socket, node, params)))
 }

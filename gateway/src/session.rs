@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite;
 
+use crate::auth::{self, Grant, Permissions};
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
 use crate::metrics::reason;
 use crate::outbox::{signal, Frame, Outbox};
@@ -34,6 +35,9 @@ pub struct Params {
     /// Channels named in the query (not yet validated); empty = `default_channels`.
     pub channels: Vec<String>,
     pub peer: SocketAddr,
+    /// What the token allows; None when auth is off. Boxed: the session's future keeps its
+    /// arguments for its whole life, and idle memory per session is a budget.
+    pub grant: Option<Box<Grant>>,
 }
 
 /// How a session ends.
@@ -97,6 +101,11 @@ struct Session {
     channels: Vec<Box<str>>,
     bucket: Bucket,
     last_seen: Instant,
+    /// The token's `exp` (seconds since the Unix epoch); 0 = auth off, no expiry.
+    exp: u64,
+    /// The token's `channels` / `publish` claims; None when it carried neither (or auth is
+    /// off), so an idle session pays one word for them.
+    permissions: Option<Box<Permissions>>,
 }
 
 /// Run a session to its end. Called by the upgrade handler; returns when the socket is done.
@@ -112,14 +121,48 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, params: Params) {
     }
 }
 
+/// Refuse a connection that was upgraded only so that the client can read why: close with
+/// `code` and `message` as the reason at once, before any subscription.
+pub async fn refuse(mut ws: WebSocket, node: Arc<Node>, refusal: (u16, &'static str, String)) {
+    let (code, why, message) = refusal;
+    tracing::debug!(code, reason = why, %message, "connection refused");
+    node.metrics.disconnects.with_label_values(&[why]).inc();
+    // Short: a refused client gets no more of the node's time than it takes to say why.
+    let _ = timeout(
+        Duration::from_secs(1),
+        close_socket(&mut ws, code, close_reason(&message)),
+    )
+    .await;
+}
+
+/// A close frame's reason is at most 123 bytes.
+fn close_reason(message: &str) -> &str {
+    let mut end = message.len().min(123);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
 async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
     let metrics = node.metrics.clone();
-    let Some(_slot) = node.connection_slot() else {
-        let end = End::Close(close::TRY_AGAIN_LATER, reason::MAX_CONNECTIONS);
-        Box::pin(finish(ws, end, metrics)).await;
-        return;
+    let _slot = match node.connection_slot(params.peer.ip()) {
+        Ok(slot) => slot,
+        Err((code, why)) => {
+            Box::pin(finish(ws, End::Close(code, why), metrics)).await;
+            return;
+        }
     };
     metrics.connections_total.inc();
+    let (exp, permissions) = match params.grant {
+        Some(grant) => {
+            let Grant {
+                exp, permissions, ..
+            } = *grant;
+            (exp, permissions)
+        }
+        None => (0, None),
+    };
     let limits = &node.config.limits;
     let mut session = Session {
         id: node.next_session_id(),
@@ -129,6 +172,8 @@ async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
         channels: Vec::new(),
         bucket: Bucket::new(limits.publish_rate, limits.publish_burst),
         last_seen: Instant::now(),
+        exp,
+        permissions,
         node,
     };
     tracing::debug!(session = %session.uuid, "session open");
@@ -188,13 +233,18 @@ impl Session {
         if let Err(e) = self.add_channel(&personal, &mut waits) {
             refused.push((personal.clone(), e));
         }
-        let requested = if requested.is_empty() {
+        let defaults = requested.is_empty();
+        let requested = if defaults {
             self.node.config.default_channels.clone()
         } else {
             requested
         };
         let mut joined = Vec::new();
         for channel in requested {
+            // The client did not ask for the defaults: skip those its token does not allow.
+            if defaults && self.check_subscribe(&channel).is_err() {
+                continue;
+            }
             match self.check_subscribe(&channel) {
                 Ok(()) => match self.add_channel(&channel, &mut waits) {
                     Ok(()) => joined.push(channel),
@@ -267,12 +317,24 @@ impl Session {
         Ok(())
     }
 
+    /// The session's deadlines, checked on every node heartbeat: the client's silence
+    /// (4001) and the token's expiry (4401).
     fn check_heartbeat(&self) -> Result<(), End> {
         if self.last_seen.elapsed() >= self.node.config.ping_timeout() {
-            Err(End::Close(
+            return Err(End::Close(
                 close::HEARTBEAT_TIMEOUT,
                 reason::HEARTBEAT_TIMEOUT,
-            ))
+            ));
+        }
+        self.check_expiry()
+    }
+
+    /// 4401 once the token has expired. Checked on each heartbeat and each client frame (no
+    /// timer per session), so a session outlives its token by at most
+    /// `heartbeat.ping_interval_ms`, and never acts on an expired one.
+    fn check_expiry(&self) -> Result<(), End> {
+        if self.exp != 0 && auth::now_secs() >= self.exp {
+            Err(End::Close(close::UNAUTHORIZED, reason::TOKEN_EXPIRED))
         } else {
             Ok(())
         }
@@ -361,6 +423,7 @@ impl Session {
             Some(Ok(msg)) => msg,
         };
         self.last_seen = Instant::now();
+        self.check_expiry()?;
         match msg {
             Message::Text(text) => Ok(Some(text)),
             Message::Binary(_) => Err(End::Close(close::UNSUPPORTED_DATA, reason::BINARY_FRAME)),
@@ -407,6 +470,10 @@ impl Session {
                 frames.with_label_values(&["ping"]).inc();
                 Some(protocol::pong_frame(id))
             }
+            ClientFrame::Refresh { token, id } => {
+                frames.with_label_values(&["refresh"]).inc();
+                Some(self.on_refresh(&token, id)?)
+            }
         };
         match reply {
             Some(reply) => self.send(ws, reply).await,
@@ -426,6 +493,43 @@ impl Session {
         Ok(false)
     }
 
+    /// A new token for the same client: the session lives until its `exp`, under its claims
+    /// (for what the session does next; subscriptions already made stay). A bad one gets
+    /// `bad_token` and changes nothing: the session still ends at the old `exp`.
+    fn on_refresh(&mut self, token: &str, id: Option<&RawValue>) -> Result<String, End> {
+        // Verifying costs a signature check: refreshes are rate limited like publishes.
+        if !self.charge()? {
+            return Ok(protocol::error_frame(
+                "rate_limited",
+                "refresh rate limit exceeded; slow down",
+                None,
+                id,
+            ));
+        }
+        let Some(verifier) = &self.node.verifier else {
+            return Ok(protocol::error_frame(
+                "bad_token",
+                "authentication is not enabled on this node",
+                None,
+                id,
+            ));
+        };
+        match verifier.verify(token) {
+            Ok(grant) if grant.sub == self.client_id() => {
+                self.exp = grant.exp;
+                self.permissions = grant.permissions;
+                Ok(protocol::refreshed_frame(id))
+            }
+            Ok(_) => Ok(protocol::error_frame(
+                "bad_token",
+                "the token is for another client (`sub`)",
+                None,
+                id,
+            )),
+            Err(e) => Ok(protocol::error_frame("bad_token", &e.to_string(), None, id)),
+        }
+    }
+
     /// Whether this session may subscribe to `channel` at all.
     fn check_subscribe(&self, channel: &str) -> Result<(), (&'static str, String)> {
         if !protocol::valid_channel(channel) {
@@ -434,8 +538,21 @@ impl Session {
                 "invalid channel name: 1-128 chars of A-Z a-z 0-9 _ - . : @".to_owned(),
             ));
         }
-        if channel.starts_with(protocol::PERSONAL_PREFIX) && channel != self.personal {
+        if channel == self.personal {
+            return Ok(());
+        }
+        if channel.starts_with(protocol::PERSONAL_PREFIX) {
             return Err(("forbidden", format!("cannot subscribe to {channel}")));
+        }
+        let allowed = self
+            .permissions
+            .as_ref()
+            .and_then(|p| p.channels.as_deref());
+        if allowed.is_some_and(|patterns| !auth::allowed(patterns, channel)) {
+            return Err((
+                "forbidden",
+                format!("the token does not allow subscribing to {channel}"),
+            ));
         }
         Ok(())
     }
@@ -517,7 +634,12 @@ impl Session {
                 id,
             )));
         }
-        if !protocol::any_matches(&self.node.config.client_publish, channel) {
+        // A token's `publish` claim replaces `client_publish` for its session (auth.rs).
+        let permitted = match self.permissions.as_ref().and_then(|p| p.publish.as_deref()) {
+            Some(patterns) => auth::allowed(patterns, channel),
+            None => protocol::any_matches(&self.node.config.client_publish, channel),
+        };
+        if !permitted {
             return Ok(Some(protocol::error_frame(
                 "forbidden",
                 &format!("clients may not publish to {channel}"),

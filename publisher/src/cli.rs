@@ -6,6 +6,8 @@
 //!   alert --level LEVEL [--title T] TEXT...    publish an alert on alerts.channel
 //!   publish CHANNEL DATA                       publish DATA (JSON, else a JSON string)
 //!   tail FILE [--channel logs] [--from-start]  publish each new line of FILE
+//!   token --sub ID [--channels P,..] [--publish P,..] [--ttl 1h]
+//!                                              print a client token signed with auth.secret
 //! ```
 //!
 //! Exit codes: 0 success, 1 runtime failure (Redis unreachable, port taken, unreadable file),
@@ -80,6 +82,23 @@ pub enum Command {
         #[arg(long)]
         from_start: bool,
     },
+    /// Print a client token (HS256 JWT) for the gateways, signed with `auth.secret`.
+    Token {
+        /// The client id (`sub`): 1-123 characters of A-Z a-z 0-9 _ - . : @
+        #[arg(long)]
+        sub: String,
+        /// Channel patterns the client may subscribe to, comma-separated (`*` = any run of
+        /// characters); absent = any channel.
+        #[arg(long, value_delimiter = ',')]
+        channels: Option<Vec<String>>,
+        /// Channel patterns the client may publish to, comma-separated; replaces the gateway's
+        /// `client_publish` for this client. Absent = `client_publish`.
+        #[arg(long, value_delimiter = ',')]
+        publish: Option<Vec<String>>,
+        /// How long the token is valid, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
 }
 
 /// Runs the program and exits; see the module doc for exit codes.
@@ -138,6 +157,17 @@ impl Failure {
 
 async fn execute(command: Command, config: Config) -> Result<(), Failure> {
     match command {
+        Command::Token {
+            sub,
+            channels,
+            publish,
+            ttl,
+        } => {
+            let token = crate::token::mint(&config, &sub, channels, publish, ttl)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Run => {
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await

@@ -47,6 +47,15 @@ pub struct Config {
     pub alerts: AlertsConfig,
     pub lease: LeaseConfig,
     pub tail: TailConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `auth.secret` (unset): the gateways' HS256 secret, for `publisher token`. At least 32
+    /// bytes; never printed.
+    pub secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,6 +169,7 @@ impl Default for Config {
             alerts: AlertsConfig::default(),
             lease: LeaseConfig::default(),
             tail: TailConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -247,6 +257,14 @@ impl Config {
         if let Some(key) = &self.api_key {
             if key.expose().trim().is_empty() {
                 return Err(ConfigError::invalid("api_key", "must not be blank"));
+            }
+        }
+        if let Some(secret) = &self.auth.secret {
+            if secret.expose().len() < 32 {
+                return Err(ConfigError::invalid(
+                    "auth.secret",
+                    "an HS256 secret must be at least 32 bytes",
+                ));
             }
         }
         in_range("max_body_bytes", self.max_body_bytes, 64, 16 * 1024 * 1024)?;
@@ -421,6 +439,7 @@ mod tests {
             ("PUBLISHER__TICK__CHANNEL", "a b", "tick.channel"),
             ("PUBLISHER__REDIS__URL", "http://x", "redis.url"),
             ("PUBLISHER__API_KEY", "  ", "api_key"),
+            ("PUBLISHER__AUTH__SECRET", "short", "auth.secret"),
         ];
         for (var, value, key) in cases {
             let err = load_env(&[(var, value)]).unwrap_err().to_string();

@@ -14,6 +14,7 @@
 //! - [`tick`]: the aligned tick loop the leader runs.
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`, `/readyz`.
 //! - [`tail`]: following a log file.
+//! - [`token`]: client tokens for the gateways (`publisher token`).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
 //!
@@ -38,6 +39,7 @@ pub mod publish;
 pub mod shutdown;
 pub mod tail;
 pub mod tick;
+pub mod token;
 
 use std::future::IntoFuture;
 use std::time::Duration;

@@ -394,10 +394,25 @@ pub enum Received {
 
 impl WsClient {
     pub async fn connect(url: &str) -> WsClient {
-        let (ws, _response) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(url))
-            .await
-            .unwrap_or_else(|_| panic!("connect to {url} timed out"))
-            .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        Self::connect_with(url, &[]).await
+    }
+
+    /// Connect with extra request headers (`Origin`, `Authorization`, …).
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> WsClient {
+        use tungstenite::client::IntoClientRequest;
+        use tungstenite::http::{HeaderName, HeaderValue};
+        let mut request = url.into_client_request().expect("ws request");
+        for (k, v) in headers {
+            request.headers_mut().insert(
+                HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                HeaderValue::from_str(v).expect("header value"),
+            );
+        }
+        let (ws, _response) =
+            tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+                .await
+                .unwrap_or_else(|_| panic!("connect to {url} timed out"))
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
         WsClient { ws }
     }
 
@@ -700,4 +715,128 @@ impl Metrics {
             k == name || k.starts_with(&format!("{name}{{")) || k.starts_with(&format!("{name}_"))
         })
     }
+}
+
+// === raw WebSocket ===
+
+/// A WebSocket client on a bare TCP stream, for what a well-behaved library refuses to send:
+/// unmasked frames, reserved bits and opcodes, oversized or fragmented messages.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    /// Upgrade on `path_and_query` (e.g. `/ws?channels=a`); panics unless the answer is 101.
+    pub async fn connect(port: u16, path_and_query: &str) -> RawWs {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let request = format!(
+            "GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let n = tokio::time::timeout(TIMEOUT, stream.read(&mut chunk))
+                .await
+                .expect("handshake timed out")
+                .expect("read");
+            assert!(n > 0, "closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        assert!(
+            buf.starts_with(b"HTTP/1.1 101"),
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        let buf = buf.split_off(end + 4);
+        RawWs { stream, buf }
+    }
+
+    /// A client frame, masked: `first` is the first byte (FIN, RSV1-3, opcode).
+    pub fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        Self::frame(first, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+    }
+
+    /// A frame with `first` as its first byte, masked with `mask` when given.
+    pub fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(mask_bit | n as u8),
+            n if n <= 0xffff => {
+                out.push(mask_bit | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(mask_bit | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(mask) => {
+                out.extend_from_slice(&mask);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            }
+            None => out.extend_from_slice(payload),
+        }
+        out
+    }
+
+    /// Write bytes as they are (a write error is ignored: the server may have closed first).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// The next server frame: (opcode, payload); None when the connection ends.
+    pub async fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((len, opcode, payload)) = parse_server_frame(&self.buf) {
+                let payload = payload.to_vec();
+                self.buf.drain(..len);
+                return Some((opcode, payload));
+            }
+            let n = tokio::time::timeout(TIMEOUT, self.stream.read(&mut chunk))
+                .await
+                .expect("no frame from the gateway in time")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Read frames until the close; its code (None: the connection ended without one).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        while let Some((opcode, payload)) = self.next_frame().await {
+            if opcode == 8 {
+                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+        None
+    }
+}
+
+/// One unmasked server frame at the start of `buf`: (total length, opcode, payload).
+fn parse_server_frame(buf: &[u8]) -> Option<(usize, u8, &[u8])> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let opcode = buf[0] & 0x0f;
+    let (len, head) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().ok()?) as usize, 10),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (buf.len() >= head + len).then(|| (head + len, opcode, &buf[head..head + len]))
 }
