@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use serde_yaml::Value as Yaml;
 use tests::{
-    eventually, free_port, http_get, http_request, Cluster, Metrics, RedisServer, WsClient,
+    eventually, free_port, http_get, http_request, Cluster, Metrics, PublisherNode, WsClient,
 };
 
 const PUBLISHER_BIN: &str = env!("CARGO_BIN_EXE_publisher-node");
@@ -197,51 +197,6 @@ fn url_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// The real publisher service (`publisher run`) on a free port, against `redis`.
-struct PublisherNode {
-    port: u16,
-    _process: Process,
-    _dir: TempDir,
-}
-
-impl PublisherNode {
-    async fn start(redis: &RedisServer, env: &[(&str, &str)]) -> PublisherNode {
-        for _attempt in 0..3 {
-            let dir = TempDir::new("publisher");
-            let port = free_port();
-            let mut command = Command::new(PUBLISHER_BIN);
-            command
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .env("RUST_LOG", "warn")
-                .env("PUBLISHER__REDIS__URL", redis.url())
-                .env("PUBLISHER__LISTEN", format!("127.0.0.1:{port}"))
-                .env("PUBLISHER__TICK__INTERVAL_MS", "200")
-                .env("PUBLISHER__LEASE__TTL_MS", "1000")
-                .envs(env.iter().copied())
-                .arg("run");
-            let mut process = Process::spawn("publisher", command, dir.path().join("stderr.log"));
-            if process
-                .await_ready(async || matches!(http_get(port, "/healthz").await, Ok((200, _))))
-                .await
-            {
-                return PublisherNode {
-                    port,
-                    _process: process,
-                    _dir: dir,
-                };
-            }
-        }
-        panic!("publisher exited at start three times");
-    }
-
-    async fn metrics(&self) -> Metrics {
-        let (status, body) = http_get(self.port, "/metrics").await.expect("metrics");
-        assert_eq!(status, 200);
-        Metrics::parse(&body)
-    }
 }
 
 // === docker-compose.yml ===

@@ -12,125 +12,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tests::{
-    eventually, free_port, http_get, http_request, redis, Cluster, Metrics, RedisServer, WsClient,
-    TIMEOUT,
+    eventually, free_port, http_get, publisher_command, redis, Cluster, PublisherNode, RedisServer,
+    WsClient, TIMEOUT,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
-const BIN: &str = env!("CARGO_BIN_EXE_publisher-node");
-const INTERVAL_MS: u64 = 200;
-const LEASE_MS: u64 = 1000;
+const INTERVAL_MS: u64 = tests::PUBLISHER_TICK_MS;
+const LEASE_MS: u64 = tests::PUBLISHER_LEASE_MS;
 
 /// HTTP headers, or environment variables: name/value pairs.
 type Headers<'a> = &'a [(&'a str, &'a str)];
-
-// === a publisher service process ===
-
-/// `publisher run` on a free port, configured through the environment like in production.
-struct PublisherNode {
-    port: u16,
-    child: Child,
-}
-
-impl PublisherNode {
-    /// Starts a node on `redis` with short tick and lease settings (overridable through `env`)
-    /// and waits until `/healthz` answers.
-    async fn start(redis: &RedisServer, env: &[(&str, &str)]) -> PublisherNode {
-        for _attempt in 0..3 {
-            let port = free_port();
-            let mut child = publisher_command()
-                .env("PUBLISHER__REDIS__URL", redis.url())
-                .env("PUBLISHER__LISTEN", format!("127.0.0.1:{port}"))
-                .env("PUBLISHER__TICK__INTERVAL_MS", INTERVAL_MS.to_string())
-                .env("PUBLISHER__LEASE__TTL_MS", LEASE_MS.to_string())
-                .envs(env.iter().copied())
-                .arg("run")
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawn publisher-node");
-            let deadline = Instant::now() + TIMEOUT;
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // Lost a port race: try again on another port.
-                }
-                if let Ok((200, _)) = http_get(port, "/healthz").await {
-                    return PublisherNode { port, child };
-                }
-                assert!(Instant::now() < deadline, "publisher did not start");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        panic!("publisher exited at start three times");
-    }
-
-    /// A JSON request; every answer of the API, errors included, must be JSON.
-    async fn request(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> (u16, Value) {
-        let (status, text) = http_request(self.port, method, path, headers, body)
-            .await
-            .expect("publisher answers");
-        let value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("{method} {path} answered {status} non-JSON {text:?}: {e}"));
-        (status, value)
-    }
-
-    async fn post(&self, path: &str, body: &str) -> (u16, Value) {
-        self.request("POST", path, &[("Content-Type", "application/json")], body)
-            .await
-    }
-
-    async fn metrics(&self) -> Metrics {
-        let (status, body) = http_get(self.port, "/metrics").await.expect("metrics");
-        assert_eq!(status, 200);
-        Metrics::parse(&body)
-    }
-
-    async fn is_leader(&self) -> bool {
-        self.metrics().await.get("publisher_leader") == 1.0
-    }
-
-    fn sigterm(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    async fn sigkill(&mut self) {
-        self.child.start_kill().expect("kill publisher");
-        self.child.wait().await.expect("reap publisher");
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        tokio::time::timeout(within, self.child.wait())
-            .await
-            .expect("publisher exits in time")
-            .expect("wait for publisher")
-    }
-}
-
-/// The program with a clean environment; killed if its owner is dropped.
-fn publisher_command() -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "RUST_LOG",
-            std::env::var("TEST_PUBLISHER_LOG").unwrap_or_else(|_| "error".into()),
-        )
-        .kill_on_drop(true);
-    command
-}
 
 /// Runs a one-shot command to completion: (status, stdout, stderr).
 async fn run_cli(env: &[(&str, &str)], args: &[&str]) -> (ExitStatus, String, String) {
