@@ -939,8 +939,9 @@ impl RawWs {
     }
 }
 
-/// One unmasked server frame at the start of `buf`: (total length, opcode, payload).
-fn parse_server_frame(buf: &[u8]) -> Option<(usize, u8, &[u8])> {
+/// One unmasked server frame at the start of `buf`: (total length, opcode, payload). Shared
+/// by the raw test client and `loadgen`.
+pub fn parse_server_frame(buf: &[u8]) -> Option<(usize, u8, &[u8])> {
     if buf.len() < 2 {
         return None;
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::json;
-use tests::redis;
+use tests::{parse_server_frame, redis};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -344,12 +344,12 @@ impl WsConn {
                 anyhow::ensure!(buf.starts_with(b"HTTP/1.1 101"), "upgrade refused");
                 let mut rest = buf.split_off(end + 4);
                 // Wait for the welcome frame (the subscription is then in place).
-                while parse_frame(&rest).is_none() {
+                while parse_server_frame(&rest).is_none() {
                     let n = stream.read(&mut chunk).await?;
                     anyhow::ensure!(n > 0, "closed before welcome");
                     rest.extend_from_slice(&chunk[..n]);
                 }
-                let (frame_len, opcode, payload) = parse_frame(&rest).unwrap();
+                let (frame_len, opcode, payload) = parse_server_frame(&rest).unwrap();
                 anyhow::ensure!(opcode == 1, "expected a text frame");
                 let text = std::str::from_utf8(payload)?;
                 anyhow::ensure!(
@@ -375,7 +375,7 @@ impl WsConn {
         'outer: loop {
             // Consume complete frames.
             let mut at = 0;
-            while let Some((len, opcode, payload)) = parse_frame(&buf[at..]) {
+            while let Some((len, opcode, payload)) = parse_server_frame(&buf[at..]) {
                 match opcode {
                     1 => {
                         if let Some((seq, t)) = seq_and_time(payload) {
@@ -441,21 +441,6 @@ fn flush_latencies(shared: &Shared, latencies: &mut Vec<u64>) {
     for l in latencies.drain(..) {
         let _ = h.record(l);
     }
-}
-
-/// Parse one unmasked server frame: (total length, opcode, payload).
-fn parse_frame(buf: &[u8]) -> Option<(usize, u8, &[u8])> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let opcode = buf[0] & 0x0f;
-    let (len, head) = match buf[1] & 0x7f {
-        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().ok()?) as usize, 10),
-        126 | 127 => return None,
-        n => (n as usize, 2),
-    };
-    (buf.len() >= head + len).then(|| (head + len, opcode, &buf[head..head + len]))
 }
 
 fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
