@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol;
 
 /// Keys whose environment values are split on commas (and only these, so that secrets may
-/// contain commas: `auth.secret` is not one of them).
+/// contain commas: `auth.secret` is not one of them). Items are trimmed; empty ones dropped.
 const LIST_KEYS: &[&str] = &[
     "origins",
     "client_publish",
@@ -232,19 +232,29 @@ impl Config {
         if let Some(file) = file {
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
-        let mut environment = config::Environment::with_prefix("GATEWAY")
+        // Values stay strings (no `try_parsing`): serde turns "7" into a number where the
+        // field is one, while a secret or a node name that merely looks numeric ("1e5",
+        // "000123") is kept exactly as written. The list keys are split here instead.
+        let vars: std::collections::HashMap<String, String> =
+            env.unwrap_or_else(|| std::env::vars().collect());
+        let environment = config::Environment::with_prefix("GATEWAY")
             .prefix_separator("__")
             .separator("__")
-            .try_parsing(true)
             .ignore_empty(true)
-            .list_separator(",");
-        for key in LIST_KEYS {
-            environment = environment.with_list_parse_key(key);
-        }
-        if let Some(env) = env {
-            environment = environment.source(Some(env.into_iter().collect()));
-        }
+            .source(Some(vars.clone().into_iter().collect()));
         builder = builder.add_source(environment);
+        for key in LIST_KEYS {
+            let var = format!("GATEWAY__{}", key.replace('.', "__").to_uppercase());
+            if let Some(value) = vars.get(&var).filter(|v| !v.is_empty()) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                builder = builder.set_override(*key, items)?;
+            }
+        }
         for (key, value) in overrides {
             builder = builder.set_override(*key, value.clone())?;
         }
@@ -527,5 +537,26 @@ mod tests {
         let c = Config::load_from_env(Some(&file), &[], env(&[])).unwrap();
         assert_eq!(c.limits.publish_burst, 40);
         assert_eq!(c.heartbeat.ping_timeout_ms, 60_000);
+    }
+
+    #[test]
+    fn numeric_looking_strings_stay_as_written() {
+        let c = Config::load_from_env(
+            None,
+            &[],
+            env(&[
+                ("GATEWAY__NODE_NAME", "1e5"),
+                ("GATEWAY__REDIS__PREFIX", "007"),
+                ("GATEWAY__TICKS", "true"),
+                ("GATEWAY__LIMITS__PUBLISH_RATE", "2.5"),
+                ("GATEWAY__DEFAULT_CHANNELS", "123"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.node_name.as_deref(), Some("1e5"));
+        assert_eq!(c.redis.prefix, "007");
+        assert_eq!(c.ticks, Some(true));
+        assert_eq!(c.limits.publish_rate, 2.5);
+        assert_eq!(c.default_channels, vec!["123"]);
     }
 }
