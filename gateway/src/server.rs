@@ -313,6 +313,7 @@ fn public_router(node: Arc<Node>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(node)
 }
 
@@ -322,6 +323,7 @@ fn admin_router(node: Arc<Node>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(node)
 }
 
@@ -336,6 +338,14 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint answers GET only",
+    )
 }
 
 async fn healthz() -> Response {

@@ -99,6 +99,18 @@ async fn health_and_bad_http_requests_get_json_answers() {
         json_error(http_get(node.port, "/nope").await.unwrap()),
         (404, "not_found".into())
     );
+    for (port, path) in [
+        (node.port, "/ws"),
+        (node.port, "/healthz"),
+        (node.admin_port, "/metrics"),
+    ] {
+        let r = http_request(port, "POST", path, &[], "x").await.unwrap();
+        assert_eq!(
+            json_error(r),
+            (405, "method_not_allowed".into()),
+            "POST {path}"
+        );
+    }
 
     let upgrade = |origin: &'static str| {
         vec![
