@@ -164,6 +164,17 @@ export class GatewayClient {
   }
 
   /**
+   * Hands the open session a fresh token before the current one expires (the gateway closes a
+   * session with 4401 at its token's `exp`). Resolves on `refreshed`, rejects on an `error`
+   * (`bad_token`, `rate_limited`); the token is also used by later connections.
+   */
+  async refresh(token) {
+    this.token = token;
+    const value = typeof token === "function" ? await token() : token;
+    return this._request({ type: "refresh", token: String(value) });
+  }
+
+  /**
    * Subscribes to `channel`. Resolves with the `subscribed` frame; rejects with the `error`
    * frame's code (`err.code`, `err.frame`). While not connected the request waits and is sent
    * when the connection opens. Once subscribed, the channel is re-subscribed on every reconnect.
@@ -400,6 +411,8 @@ export class GatewayClient {
         return this._resolve(frame);
       case "published":
         this.publishAcks = true;
+        return this._resolve(frame);
+      case "refreshed":
         return this._resolve(frame);
       case "error":
         return this._onErrorFrame(frame);
