@@ -250,28 +250,27 @@ pub async fn run(
         admin_stop.clone(),
     ));
     let public_stop = CancellationToken::new();
-    tokio::spawn({
-        let (node, shutdown, public_stop) = (node.clone(), shutdown.clone(), public_stop.clone());
-        async move {
-            shutdown.cancelled().await;
-            node.draining.store(true, Ordering::Relaxed);
-            public_stop.cancel();
-        }
-    });
-    accept::serve(
+    let public = tokio::spawn(accept::serve(
         listener,
         public_router(node.clone()),
         handshake,
-        public_stop,
-    )
-    .await;
+        public_stop.clone(),
+    ));
+    shutdown.cancelled().await;
 
-    // Drain: close every session with 1001 and wait for them, bounded.
+    // Drain: /readyz turns 503 and upgrades are refused, every session is told to close with
+    // 1001 (at once: not after the HTTP connections in flight, which may be slow clients
+    // still sending a request head), accepting stops; then wait, bounded, for all of it.
     node.draining.store(true, Ordering::SeqCst);
     node.signal_all(signal::SHUTDOWN);
+    public_stop.cancel();
+    let deadline = tokio::time::Instant::now() + node.config.drain_timeout();
+    if tokio::time::timeout_at(deadline, public).await.is_err() {
+        tracing::warn!("drain timeout: HTTP connections still open");
+    }
     node.tracker.close();
     let open = node.tracker.len();
-    if tokio::time::timeout(node.config.drain_timeout(), node.tracker.wait())
+    if tokio::time::timeout_at(deadline, node.tracker.wait())
         .await
         .is_err()
     {

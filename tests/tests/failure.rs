@@ -143,10 +143,23 @@ async fn sigterm_closes_sessions_with_1001_and_exits_0() {
     let mut cluster = Cluster::start(1).await;
     let (mut a, _) = WsClient::connect_welcomed(&cluster.nodes[0].ws_url("channels=alerts")).await;
     let (mut b, _) = WsClient::connect_welcomed(&cluster.nodes[0].ws_url("")).await;
+    // A slow client still sending its request head must not hold the drain back.
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", cluster.nodes[0].port))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let node = &mut cluster.nodes[0];
+    let signalled = std::time::Instant::now();
     node.sigterm();
     assert_eq!(a.expect_close().await, Some(1001));
     assert_eq!(b.expect_close().await, Some(1001));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "sessions were told at once, not after the handshake timeout ({:?})",
+        signalled.elapsed()
+    );
     let status = node.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "clean exit after the drain");
 }
