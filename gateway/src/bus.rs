@@ -2,8 +2,10 @@
 //!
 //! Two implementations behind one handle: [`memory`] (one node, in-process; the default when
 //! no `redis.url` is configured) and [`redis`] (one pub/sub connection per node multiplexing
-//! every channel a local session wants, plus a command pool for publishes). The bus knows
-//! channels and payloads, never sockets; messages it receives go to the [`Hub`].
+//! every channel a local session wants, plus a command pool for publishes and history reads).
+//! The bus knows channels and payloads, never sockets; messages it receives go to the [`Hub`].
+//! Publisher messages arrive in an envelope carrying their history offset (SPEC §5; see
+//! `redis.rs`); the memory bus has no history.
 
 pub mod memory;
 pub mod redis;
@@ -26,6 +28,15 @@ pub enum BusError {
     Timeout,
 }
 
+/// What a channel's history holds after an offset (SPEC §5).
+#[derive(Debug)]
+pub enum History {
+    /// Everything published after the offset, oldest first: `(offset, payload)`.
+    Replay(Vec<(String, Vec<u8>)>),
+    /// The offset cannot be resumed from: why, for the `history_gone` error frame.
+    Gone(&'static str),
+}
+
 /// A cheap-to-clone handle on the node's bus.
 #[derive(Clone)]
 pub enum Bus {
@@ -46,6 +57,7 @@ impl Bus {
             None => Bus::Memory(Arc::new(memory::MemoryBus::new(hub, metrics))),
             Some(_) => Bus::Redis(redis::RedisBus::start(
                 &config.redis,
+                config.history.max_replay,
                 hub,
                 metrics,
                 shutdown,
@@ -79,6 +91,20 @@ impl Bus {
                 Ok(())
             }
             Bus::Redis(bus) => bus.publish(channel, payload).await,
+        }
+    }
+
+    /// `channel`'s messages after `since`, at most `limit` of them (more = gone). None with
+    /// the memory bus, which keeps no history: `since` is then ignored.
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: &crate::protocol::Offset,
+        limit: usize,
+    ) -> Option<Result<History, BusError>> {
+        match self {
+            Bus::Memory(_) => None,
+            Bus::Redis(bus) => Some(bus.history(channel, since, limit).await),
         }
     }
 

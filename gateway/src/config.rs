@@ -62,8 +62,24 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: Limits,
     pub heartbeat: Heartbeat,
+    pub history: HistoryConfig,
     /// How long shutdown waits for sessions to close.
     pub drain_timeout_ms: u64,
+}
+
+/// Recovery from the publisher's per-channel streams (SPEC §5); Redis bus only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// The most messages one `since` replays per channel; a client that missed more gets
+    /// `history_gone` (and nothing replayed) rather than a partial replay with a gap.
+    pub max_replay: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig { max_replay: 1000 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +183,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
+            history: HistoryConfig::default(),
             drain_timeout_ms: 10_000,
         }
     }
@@ -289,6 +306,7 @@ impl Config {
             return Err(invalid("redis.prefix", "must be at most 64 characters"));
         }
         positive("redis.pool_size", self.redis.pool_size as u64)?;
+        positive("history.max_replay", self.history.max_replay as u64)?;
         positive("redis.ping_interval_ms", self.redis.ping_interval_ms)?;
         positive("redis.timeout_ms", self.redis.timeout_ms)?;
         positive("redis.backoff_min_ms", self.redis.backoff_min_ms)?;

@@ -95,6 +95,82 @@ pub fn any_matches(patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| pattern_matches(p, name))
 }
 
+// === history offsets ===
+
+/// A position in a channel's history (SPEC §5): `<epoch>:<ms>-<seq>`, where `<ms>-<seq>` is
+/// the Redis stream id and the epoch names the stream's incarnation. Opaque to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offset {
+    pub epoch: String,
+    /// The stream id, `(milliseconds, sequence)`; ordered like Redis orders ids.
+    pub id: (u64, u64),
+}
+
+impl Offset {
+    /// Parse an offset; None when it is not `<epoch>:<ms>-<seq>` (epoch: 1-32 of `A-Z a-z
+    /// 0-9`).
+    pub fn parse(text: &str) -> Option<Offset> {
+        let (epoch, id) = text.split_once(':')?;
+        if epoch.is_empty() || epoch.len() > 32 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return None;
+        }
+        Some(Offset {
+            epoch: epoch.to_owned(),
+            id: parse_stream_id(id)?,
+        })
+    }
+
+    /// The Redis stream id, `<ms>-<seq>`.
+    pub fn stream_id(&self) -> String {
+        format!("{}-{}", self.id.0, self.id.1)
+    }
+}
+
+/// Parse a Redis stream id `<ms>-<seq>`.
+pub fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(ms) || !digits(seq) {
+        return None;
+    }
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Split the `since` query parameter (`alerts@k3f9:1700000000000-0,chat:lobby@…`) into
+/// `(channel, offset)` pairs, each split at its last `@` (channel names may contain `@`,
+/// offsets never do). A malformed pair is returned as `Err(pair)`.
+pub fn parse_since_param(param: &str) -> Vec<Result<(String, Offset), String>> {
+    param
+        .split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            pair.rsplit_once('@')
+                .filter(|(channel, _)| valid_channel(channel))
+                .and_then(|(channel, offset)| Some((channel.to_owned(), Offset::parse(offset)?)))
+                .ok_or_else(|| truncate(pair, 64))
+        })
+        .collect()
+}
+
+/// The channel and offset of a message frame built by [`message_frame`] with an offset, read
+/// back from its text (used only while a session de-duplicates live frames against a replay,
+/// so that frames carry nothing extra). Unambiguous: the channel is a validated name written
+/// first, and the offset, whose characters need no escaping, is the last field.
+pub fn message_identity(frame: &str) -> Option<(&str, &str)> {
+    const HEAD: &str = r#"{"type":"message","channel":""#;
+    const OFFSET: &str = r#","offset":""#;
+    let rest = frame.strip_prefix(HEAD)?;
+    let channel = &rest[..rest.find('"')?];
+    let body = frame.strip_suffix("\"}")?;
+    let offset = &body[body.rfind(OFFSET)? + OFFSET.len()..];
+    if offset.contains('"') || offset.contains('\\') {
+        return None;
+    }
+    Some((channel, offset))
+}
+
 // === client frames ===
 
 /// A frame a client sent, parsed and validated for shape (not yet for permission).
@@ -430,6 +506,43 @@ mod tests {
             serde_json::from_str(&message_frame("x", &[0xff, b'a'], Some("e:1-0"))).unwrap();
         assert_eq!(v["data"], "\u{fffd}a");
         assert_eq!(v["offset"], "e:1-0");
+    }
+
+    #[test]
+    fn offsets_and_since() {
+        let o = Offset::parse("k3f9:1700000000000-0").unwrap();
+        assert_eq!(o.epoch, "k3f9");
+        assert_eq!(o.id, (1_700_000_000_000, 0));
+        assert_eq!(o.stream_id(), "1700000000000-0");
+        for bad in [
+            "", "k3f9", ":1-0", "k3f9:1", "k3f9:-1", "k3f9:1-", "k 3:1-0", "k:1-0-0", "k:a-0",
+        ] {
+            assert!(Offset::parse(bad).is_none(), "{bad}");
+        }
+        let pairs = parse_since_param("alerts@k3f9:1-0, user:a@b@e:2-3 ,,x@bad,@e:1-0,noat");
+        assert_eq!(
+            pairs[0],
+            Ok(("alerts".into(), Offset::parse("k3f9:1-0").unwrap()))
+        );
+        assert_eq!(
+            pairs[1],
+            Ok(("user:a@b".into(), Offset::parse("e:2-3").unwrap()))
+        );
+        assert_eq!(pairs[2], Err("x@bad".into()));
+        assert_eq!(pairs[3], Err("@e:1-0".into()));
+        assert_eq!(pairs[4], Err("noat".into()));
+        assert_eq!(pairs.len(), 5);
+    }
+
+    #[test]
+    fn message_identity_reads_back_the_frame() {
+        let f = message_frame("chat:a", br#"{"x":",\"offset\":\"e:9-9\""}"#, Some("e:1-2"));
+        assert_eq!(message_identity(&f), Some(("chat:a", "e:1-2")));
+        let f = message_frame("chat:a", br#"{"offset":"e:9-9"}"#, None);
+        assert_eq!(message_identity(&f), None);
+        let f = message_frame("chat:a", br#"",\"offset\":\"e:9-9""#, None);
+        assert_eq!(message_identity(&f), None);
+        assert_eq!(message_identity(&error_frame("x", "y", None, None)), None);
     }
 
     #[test]

@@ -406,6 +406,7 @@ struct WsQuery {
     #[serde(rename = "Id")]
     id: Option<String>,
     token: Option<String>,
+    since: Option<String>,
 }
 
 /// The token of `Authorization: Bearer <token>`.
@@ -489,6 +490,10 @@ async fn ws_handler(
         client_id,
         channels,
         peer,
+        since: query
+            .since
+            .filter(|s| !s.trim().is_empty())
+            .map(String::into_boxed_str),
         grant,
     };
     let tracker = node.tracker.clone();

@@ -20,10 +20,11 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite;
 
 use crate::auth::{self, Grant, Permissions};
+use crate::bus::History;
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
 use crate::metrics::reason;
 use crate::outbox::{signal, Frame, Outbox};
-use crate::protocol::{self, close, ClientFrame};
+use crate::protocol::{self, close, ClientFrame, Offset};
 use crate::server::Node;
 
 /// How long a closing session waits for its close frame to be written and answered.
@@ -35,6 +36,8 @@ pub struct Params {
     /// Channels named in the query (not yet validated); empty = `default_channels`.
     pub channels: Vec<String>,
     pub peer: SocketAddr,
+    /// The `since` query parameter (not yet parsed): `channel@offset,…` to resume from.
+    pub since: Option<Box<str>>,
     /// What the token allows; None when auth is off. Boxed: the session's future keeps its
     /// arguments for its whole life, and idle memory per session is a budget.
     pub grant: Option<Box<Grant>>,
@@ -106,6 +109,20 @@ struct Session {
     /// The token's `channels` / `publish` claims; None when it carried neither (or auth is
     /// off), so an idle session pays one word for them.
     permissions: Option<Box<Permissions>>,
+    /// While live frames may duplicate a replay (SPEC §5): per recovered channel, the last
+    /// offset written from history. None (one word) for every session that is not recovering.
+    recovered: Option<Box<Watermarks>>,
+}
+
+/// Boxed behind one pointer in [`Session`]; a Vec itself would cost three words.
+#[derive(Default)]
+struct Watermarks(Vec<Watermark>);
+
+/// The last history entry replayed on `channel`: live frames of that channel at or before it
+/// are duplicates. Dropped at the first newer live frame (pub/sub keeps the stream's order).
+struct Watermark {
+    channel: Box<str>,
+    offset: Offset,
 }
 
 /// Run a session to its end. Called by the upgrade handler; returns when the socket is done.
@@ -174,11 +191,12 @@ async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
         last_seen: Instant::now(),
         exp,
         permissions,
+        recovered: None,
         node,
     };
     tracing::debug!(session = %session.uuid, "session open");
     session.node.register(session.id, &session.outbox);
-    let end = match Box::pin(session.open(&mut ws, params.channels)).await {
+    let end = match Box::pin(session.open(&mut ws, params.channels, params.since)).await {
         Ok(()) => session.serve(&mut ws).await,
         Err(end) => end,
     };
@@ -225,7 +243,12 @@ async fn close_socket(ws: &mut WebSocket, code: u16, reason: &str) {
 impl Session {
     /// Connect-time subscriptions (the personal channel, then what the query named), then
     /// the welcome frame and an error frame per refused channel.
-    async fn open(&mut self, ws: &mut WebSocket, requested: Vec<String>) -> Result<(), End> {
+    async fn open(
+        &mut self,
+        ws: &mut WebSocket,
+        requested: Vec<String>,
+        since: Option<Box<str>>,
+    ) -> Result<(), End> {
         // Subscriptions at connect: the personal channel, then what the query named.
         let mut refused = Vec::new();
         let mut waits = Vec::new();
@@ -265,7 +288,103 @@ impl Session {
             let frame = protocol::error_frame(code, &message, Some(&channel), None);
             self.send(ws, frame).await?;
         }
+        // Resume: `since` applies to the channels joined above; pairs naming others are
+        // ignored. The memory bus keeps no history, so there `since` is ignored altogether.
+        let Some(since) = since.filter(|_| matches!(self.node.bus, crate::bus::Bus::Redis(_)))
+        else {
+            return Ok(());
+        };
+        for pair in protocol::parse_since_param(&since) {
+            match pair {
+                Ok((channel, offset)) if joined.contains(&channel) => {
+                    self.recover(ws, &channel, offset, None).await?;
+                }
+                Ok(_) => {}
+                Err(pair) => {
+                    let message = format!("`since` wants channel@offset pairs, got `{pair}`");
+                    let frame = protocol::error_frame("bad_since", &message, None, None);
+                    self.send(ws, frame).await?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Replay `channel` after `since` (SPEC §5). The session is already subscribed in the
+    /// hub, so live frames queue in its outbox meanwhile; they are written after the replay,
+    /// minus those the replay already covered (see [`Watermark`]). An offset that cannot be
+    /// resumed from gets `history_gone`, and the channel continues live.
+    async fn recover(
+        &mut self,
+        ws: &mut WebSocket,
+        channel: &str,
+        since: Offset,
+        id: Option<&RawValue>,
+    ) -> Result<(), End> {
+        let limit = self.node.config.history.max_replay;
+        let gone = |message: &str| {
+            Some(protocol::error_frame(
+                "history_gone",
+                message,
+                Some(channel),
+                id,
+            ))
+        };
+        let (entries, error) = match self.node.bus.history(channel, &since, limit).await {
+            None => return Ok(()),
+            Some(Ok(History::Replay(entries))) => (entries, None),
+            Some(Ok(History::Gone(why))) => (Vec::new(), gone(why)),
+            Some(Err(e)) => (Vec::new(), gone(&format!("history could not be read: {e}"))),
+        };
+        if let Some(error) = error {
+            return self.send(ws, error).await;
+        }
+        let last = match entries.last() {
+            Some((offset, _)) => Offset::parse(offset).unwrap_or(since),
+            None => since,
+        };
+        let write = async {
+            for (offset, payload) in &entries {
+                let frame = protocol::message_frame(channel, payload, Some(offset));
+                ws.feed(Message::Text(frame.into())).await?;
+            }
+            ws.flush().await
+        };
+        self.guarded(write).await?;
+        let watermarks = &mut self.recovered.get_or_insert_with(Default::default).0;
+        watermarks.retain(|w| &*w.channel != channel);
+        watermarks.push(Watermark {
+            channel: channel.into(),
+            offset: last,
+        });
+        Ok(())
+    }
+
+    /// Drop live frames that a replay already delivered; forget a channel's watermark at its
+    /// first newer frame.
+    fn drop_replayed(&mut self, batch: &mut VecDeque<Frame>) {
+        let Some(Watermarks(watermarks)) = self.recovered.as_deref_mut() else {
+            return;
+        };
+        batch.retain(|frame| {
+            let Some((channel, offset)) = protocol::message_identity(frame.text.as_str()) else {
+                return true;
+            };
+            let Some(i) = watermarks.iter().position(|w| &*w.channel == channel) else {
+                return true;
+            };
+            let mark = &watermarks[i].offset;
+            match Offset::parse(offset) {
+                Some(o) if o.epoch == mark.epoch && o.id <= mark.id => false,
+                _ => {
+                    watermarks.swap_remove(i);
+                    true
+                }
+            }
+        });
+        if watermarks.is_empty() {
+            self.recovered = None;
+        }
     }
 
     /// The steady state: one select loop until the session ends. Its future lives as long as
@@ -356,6 +475,7 @@ impl Session {
         ws: &mut WebSocket,
         batch: &mut VecDeque<Frame>,
     ) -> Result<(), End> {
+        self.drop_replayed(batch);
         let write = async {
             for frame in batch.iter() {
                 ws.feed(Message::Text(frame.text.clone())).await?;
@@ -450,13 +570,9 @@ impl Session {
             }
         };
         let reply = match frame {
-            ClientFrame::Subscribe {
-                channel,
-                id,
-                since: _,
-            } => {
+            ClientFrame::Subscribe { channel, id, since } => {
                 frames.with_label_values(&["subscribe"]).inc();
-                self.on_subscribe(channel, id).await
+                return self.on_subscribe(ws, channel, id, since).await;
             }
             ClientFrame::Unsubscribe { channel, id } => {
                 frames.with_label_values(&["unsubscribe"]).inc();
@@ -584,18 +700,48 @@ impl Session {
         Ok(())
     }
 
-    async fn on_subscribe(&mut self, channel: String, id: Option<&RawValue>) -> Option<String> {
+    /// Subscribe, answer `subscribed` (or an error), then replay from `since` if given.
+    async fn on_subscribe(
+        &mut self,
+        ws: &mut WebSocket,
+        channel: String,
+        id: Option<&RawValue>,
+        since: Option<String>,
+    ) -> Result<(), End> {
+        // The memory bus keeps no history: `since` is ignored there.
+        let since = since.filter(|_| matches!(self.node.bus, crate::bus::Bus::Redis(_)));
+        let offset = match since.as_deref().map(|s| Offset::parse(s).ok_or(s)) {
+            None => None,
+            Some(Ok(offset)) => Some(offset),
+            Some(Err(bad)) => {
+                self.charge()?;
+                let message = format!(
+                    "`since` must be an offset from a message frame, got `{}`",
+                    bad.chars().take(64).collect::<String>()
+                );
+                let frame = protocol::error_frame("bad_since", &message, Some(&channel), id);
+                return self.send(ws, frame).await;
+            }
+        };
         let mut waits = Vec::new();
         let result = self
             .check_subscribe(&channel)
             .and_then(|()| self.add_channel(&channel, &mut waits));
-        Some(match result {
+        match result {
             Ok(()) => {
                 self.await_subscriptions(waits).await;
-                protocol::ack_frame("subscribed", &channel, id)
+                self.send(ws, protocol::ack_frame("subscribed", &channel, id))
+                    .await?;
+                match offset {
+                    Some(offset) => self.recover(ws, &channel, offset, id).await,
+                    None => Ok(()),
+                }
             }
-            Err((code, message)) => protocol::error_frame(code, &message, Some(&channel), id),
-        })
+            Err((code, message)) => {
+                let frame = protocol::error_frame(code, &message, Some(&channel), id);
+                self.send(ws, frame).await
+            }
+        }
     }
 
     fn on_unsubscribe(&mut self, channel: &str, id: Option<&RawValue>) -> Option<String> {
@@ -610,6 +756,12 @@ impl Session {
         if let Some(i) = self.channels.iter().position(|c| &**c == channel) {
             self.channels.swap_remove(i);
             self.remove_from_hub(channel);
+        }
+        if let Some(Watermarks(watermarks)) = self.recovered.as_deref_mut() {
+            watermarks.retain(|w| &*w.channel != channel);
+            if watermarks.is_empty() {
+                self.recovered = None;
+            }
         }
         Some(protocol::ack_frame("unsubscribed", channel, id))
     }

@@ -137,8 +137,8 @@ async fn post_publish(
 ) -> Result<Response, ApiError> {
     let channel = parse_channel(&request.channel)?;
     let message = Message::new(channel, request.data.get().to_owned());
-    state.publish(&[message]).await?;
-    Ok(Json(json!({ "published": 1 })).into_response())
+    let offsets = state.publish(&[message]).await?;
+    Ok(Json(json!({ "published": 1, "offset": offsets.first() })).into_response())
 }
 
 /// One message to many channels. Duplicate channel names are published once.
@@ -165,8 +165,8 @@ async fn post_broadcast(
         .into_iter()
         .map(|channel| Message::new(channel, payload.clone()))
         .collect();
-    state.publish(&messages).await?;
-    Ok(Json(json!({ "published": messages.len() })).into_response())
+    let offsets = state.publish(&messages).await?;
+    Ok(Json(json!({ "published": messages.len(), "offsets": offsets })).into_response())
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
@@ -238,7 +238,7 @@ async fn require_api_key(State(state): State<ApiState>, request: Request, next: 
 // === impl ApiState ===
 
 impl ApiState {
-    async fn publish(&self, messages: &[Message]) -> Result<(), ApiError> {
+    async fn publish(&self, messages: &[Message]) -> Result<Vec<String>, ApiError> {
         self.inner
             .publisher
             .publish_all(messages)

@@ -233,7 +233,11 @@ fn parse_channel(name: &str) -> Result<Channel, Failure> {
 /// A publisher for a command that is not the service: its metrics are never served.
 fn one_shot_publisher(config: &Config) -> Result<Publisher, Failure> {
     let redis = RedisPool::new(&config.redis).map_err(Failure::runtime)?;
-    Ok(Publisher::new(redis, Metrics::new(&[])))
+    Ok(Publisher::new(
+        redis,
+        Metrics::new(&[]),
+        config.history.clone(),
+    ))
 }
 
 /// Flags become the last configuration layer; `--listen` and `--redis-url` are shorthands

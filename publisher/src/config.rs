@@ -48,6 +48,27 @@ pub struct Config {
     pub lease: LeaseConfig,
     pub tail: TailConfig,
     pub auth: AuthConfig,
+    pub history: HistoryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// `history.max_len` (1000): entries kept per channel stream (`XADD MAXLEN ~`, so Redis
+    /// trims whole nodes of about 100 entries: a stream may hold somewhat more).
+    pub max_len: u64,
+    /// `history.ttl_ms` (86400000 = 24 h): a channel's stream and epoch expire this long after
+    /// its last message.
+    pub ttl_ms: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            max_len: 1000,
+            ttl_ms: 24 * 60 * 60 * 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -170,6 +191,7 @@ impl Default for Config {
             lease: LeaseConfig::default(),
             tail: TailConfig::default(),
             auth: AuthConfig::default(),
+            history: HistoryConfig::default(),
         }
     }
 }
@@ -316,6 +338,13 @@ impl Config {
             16 * 1024 * 1024,
         )?;
         in_range("tail.batch_lines", self.tail.batch_lines, 1, 100_000)?;
+        in_range("history.max_len", self.history.max_len, 1, 10_000_000)?;
+        in_range(
+            "history.ttl_ms",
+            self.history.ttl_ms,
+            1000,
+            365 * 86_400_000,
+        )?;
         Ok(())
     }
 

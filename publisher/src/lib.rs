@@ -8,7 +8,7 @@
 //! - [`config`]: the typed configuration and its layers (defaults, TOML, env, flags).
 //! - [`channel`]: the channel-name rule.
 //! - [`pool`]: the Redis connection pool, its timeouts and readiness PING.
-//! - [`publish`]: turning messages into Redis traffic (the one place to change for history).
+//! - [`publish`]: turning messages into Redis traffic: stream append + publish, one script.
 //! - [`alert`]: the alert request and the alert message.
 //! - [`lease`]: leader election over a Redis lease.
 //! - [`tick`]: the aligned tick loop the leader runs.
@@ -81,7 +81,7 @@ pub async fn run(
     config.validate()?;
     let redis = RedisPool::new(&config.redis)?;
     let metrics = Metrics::new(&[config.tick_channel(), config.alerts_channel()]);
-    let publisher = Publisher::new(redis.clone(), metrics.clone());
+    let publisher = Publisher::new(redis.clone(), metrics.clone(), config.history.clone());
     let drain = Duration::from_millis(config.drain_timeout_ms);
 
     let tasks = TaskTracker::new();

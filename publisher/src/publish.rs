@@ -1,16 +1,29 @@
 //! Publishing: the one place where a message becomes Redis traffic.
 //!
 //! Ticks, alerts, the HTTP API, the CLI and `tail` all publish through [`Publisher`], so how a
-//! message is stored and delivered is decided here alone. Today a message is a plain
-//! `PUBLISH <prefix><channel> <payload>`; a batch is one pipeline, so it costs one round trip
-//! and keeps its order. History (SPEC §5) replaces the body of [`Publisher::publish_all`] with
-//! an atomic stream-append-and-publish script; no caller changes.
+//! message is stored and delivered is decided here alone.
+//!
+//! Every message goes through one Lua script ([`SCRIPT`]), atomically (SPEC §5):
+//!
+//! 1. get-or-create the channel's epoch, `<prefix>history:{<channel>}:epoch` (a random
+//!    8-character id; it changes whenever the stream is lost, e.g. with a Redis restart
+//!    without persistence, so old offsets are detected rather than silently skipped);
+//! 2. `XADD <prefix>history:{<channel>} MAXLEN ~ <history.max_len> * d <payload>`;
+//! 3. `PEXPIRE` both keys by `history.ttl_ms`;
+//! 4. `PUBLISH <prefix><channel>` an envelope: a NUL byte, the offset `<epoch>:<stream id>`,
+//!    `\n`, then the payload bytes verbatim. The gateways tell it from a plain `PUBLISH`
+//!    by the leading NUL (payloads starting with NUL are reserved).
+//!
+//! The script returns the offset. Both keys carry the channel as their hash tag, so they live
+//! in one Redis Cluster slot. A batch is one pipeline of `EVAL`s (one round trip, order kept;
+//! Redis caches the compiled script, so only its ~500 bytes of text travel again).
 
 use bytes::Bytes;
 use deadpool_redis::redis;
 use serde::Serialize;
 
 use crate::channel::Channel;
+use crate::config::HistoryConfig;
 use crate::metrics::Metrics;
 use crate::pool::{RedisError, RedisPool};
 
@@ -26,6 +39,38 @@ pub struct Message {
 pub struct Publisher {
     redis: RedisPool,
     metrics: Metrics,
+    history: HistoryConfig,
+}
+
+/// The append-and-publish script. KEYS: stream, epoch. ARGV: epoch candidate, max_len, ttl_ms,
+/// payload, pub/sub channel. Returns the offset.
+const SCRIPT: &str = r#"
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'd', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local offset = epoch .. ':' .. id
+redis.call('PUBLISH', ARGV[5], '\0' .. offset .. '\n' .. ARGV[4])
+return offset
+"#;
+
+/// The stream key of `channel` (without the prefix); the epoch key is this plus `:epoch`.
+/// The braces make the channel the Redis Cluster hash tag of both keys.
+pub fn history_key(channel: &str) -> String {
+    format!("history:{{{channel}}}")
+}
+
+/// A fresh epoch: 8 characters of RFC 4648 base32 (lowercase) from a random UUID.
+fn new_epoch() -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let bits = uuid::Uuid::new_v4().as_u128();
+    (0..8)
+        .map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+        .collect()
 }
 
 // === impl Message ===
@@ -58,8 +103,12 @@ impl Message {
 // === impl Publisher ===
 
 impl Publisher {
-    pub fn new(redis: RedisPool, metrics: Metrics) -> Self {
-        Self { redis, metrics }
+    pub fn new(redis: RedisPool, metrics: Metrics, history: HistoryConfig) -> Self {
+        Self {
+            redis,
+            metrics,
+            history,
+        }
     }
 
     pub fn redis(&self) -> &RedisPool {
@@ -70,21 +119,22 @@ impl Publisher {
         &self.metrics
     }
 
-    /// Publishes one message.
-    pub async fn publish(&self, message: &Message) -> Result<(), RedisError> {
-        self.publish_all(std::slice::from_ref(message)).await
+    /// Publishes one message; returns its offset.
+    pub async fn publish(&self, message: &Message) -> Result<String, RedisError> {
+        let mut offsets = self.publish_all(std::slice::from_ref(message)).await?;
+        Ok(offsets.pop().unwrap_or_default())
     }
 
-    /// Publishes `messages` in order, in one round trip. On error none, some or all of them
-    /// may have been published (a pipeline is not a transaction); every message of the batch
-    /// counts in `publisher_publish_errors_total`.
-    pub async fn publish_all(&self, messages: &[Message]) -> Result<(), RedisError> {
+    /// Publishes `messages` in order, in one round trip; returns their offsets. On error
+    /// none, some or all of them may have been published (a pipeline is not a transaction);
+    /// every message of the batch counts in `publisher_publish_errors_total`.
+    pub async fn publish_all(&self, messages: &[Message]) -> Result<Vec<String>, RedisError> {
         if messages.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let result = self.send(messages).await;
         match &result {
-            Ok(()) => {
+            Ok(_) => {
                 for message in messages {
                     self.metrics.published(&message.channel, 1);
                 }
@@ -97,17 +147,26 @@ impl Publisher {
         result
     }
 
-    async fn send(&self, messages: &[Message]) -> Result<(), RedisError> {
+    async fn send(&self, messages: &[Message]) -> Result<Vec<String>, RedisError> {
         let mut pipe = redis::pipe();
         for message in messages {
-            pipe.cmd("PUBLISH")
-                .arg(self.redis.key(message.channel.as_str()))
+            let channel = message.channel.as_str();
+            let stream = self.redis.key(&history_key(channel));
+            let epoch = format!("{stream}:epoch");
+            pipe.cmd("EVAL")
+                .arg(SCRIPT)
+                .arg(2)
+                .arg(stream)
+                .arg(epoch)
+                .arg(new_epoch())
+                .arg(self.history.max_len)
+                .arg(self.history.ttl_ms)
                 .arg(message.payload.as_ref())
-                .ignore();
+                .arg(self.redis.key(channel));
         }
         let mut conn = self.redis.get().await?;
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        let offsets = pipe.query_async::<Vec<String>>(&mut conn).await?;
+        Ok(offsets)
     }
 }
 
@@ -117,6 +176,17 @@ mod tests {
 
     fn chan() -> Channel {
         Channel::parse("c").unwrap()
+    }
+
+    #[test]
+    fn epochs_are_short_random_base32() {
+        let (a, b) = (new_epoch(), new_epoch());
+        assert_eq!(a.len(), 8);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)));
+        assert_ne!(a, b);
+        assert_eq!(history_key("chat:lobby"), "history:{chat:lobby}");
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl Sender {
             let mut backoff = Duration::from_millis(100);
             loop {
                 match self.publisher.publish_all(&batch).await {
-                    Ok(()) => break,
+                    Ok(_) => break,
                     Err(e) => {
                         warn!(error = %e, lines = n, ?backoff, "publishing lines failed; retrying");
                         tokio::select! {

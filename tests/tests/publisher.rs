@@ -100,6 +100,11 @@ impl Subscriber {
             while let Some(message) = messages.next().await {
                 let channel = message.get_channel_name().to_owned();
                 let payload = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
+                // The publisher's envelope (SPEC §5): NUL, the offset, a newline, the payload.
+                let payload = match payload.strip_prefix('\0').and_then(|e| e.split_once('\n')) {
+                    Some((offset, payload)) if offset.contains(':') => payload.to_owned(),
+                    _ => panic!("publisher message without an offset envelope: {payload:?}"),
+                };
                 if tx.send((channel, payload, unix_ms_now())).is_err() {
                     break;
                 }
@@ -381,7 +386,8 @@ async fn alerts_from_http_and_cli_and_published_data_reach_subscribers() {
             r#"{"channel":"room:1","data":{"n":1.50,"s":"x"}}"#,
         )
         .await;
-    assert_eq!((status, body), (200, json!({"published": 1})));
+    assert_eq!((status, &body["published"]), (200, &json!(1)), "{body}");
+    assert!(body["offset"].is_string(), "{body}");
     assert_eq!(sub.next_on("room:1").await, json!({"n": 1.5, "s": "x"}));
 
     let (status, body) = node
@@ -390,7 +396,8 @@ async fn alerts_from_http_and_cli_and_published_data_reach_subscribers() {
             r#"{"channels":["room:1","chat:lobby","room:1"],"data":"both"}"#,
         )
         .await;
-    assert_eq!((status, body), (200, json!({"published": 2})));
+    assert_eq!((status, &body["published"]), (200, &json!(2)), "{body}");
+    assert_eq!(body["offsets"].as_array().map(Vec::len), Some(2), "{body}");
     let mut got = [sub.next().await, sub.next().await];
     got.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(got[0].0, "chat:lobby");
