@@ -5,7 +5,7 @@
 //! Intervals are short (ticks every 200 ms, a 1 s lease) so that leader changes are quick; every
 //! wait is bounded by `tests::TIMEOUT`, and every process is killed when its owner is dropped.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tests::{
     eventually, free_port, http_get, publisher_command, redis, Cluster, PublisherNode, RedisServer,
-    WsClient, TIMEOUT,
+    TempDir, WsClient, TIMEOUT,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
@@ -878,28 +878,3 @@ async fn ticks_and_alerts_reach_websocket_clients_through_a_gateway() {
 }
 
 // === helpers ===
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "publisher-test-{name}-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
