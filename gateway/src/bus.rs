@@ -94,17 +94,23 @@ impl Bus {
         }
     }
 
-    /// `channel`'s messages after `since`, at most `limit` of them (more = gone). None with
-    /// the memory bus, which keeps no history: `since` is then ignored.
+    /// Whether messages can be recovered from history (SPEC §5): not with the memory bus,
+    /// where `since` is therefore ignored.
+    pub fn keeps_history(&self) -> bool {
+        matches!(self, Bus::Redis(_))
+    }
+
+    /// `channel`'s messages after `since`, at most `limit` of them (more = gone). The memory
+    /// bus keeps none: nothing to replay.
     pub async fn history(
         &self,
         channel: &str,
         since: &crate::protocol::Offset,
         limit: usize,
-    ) -> Option<Result<History, BusError>> {
+    ) -> Result<History, BusError> {
         match self {
-            Bus::Memory(_) => None,
-            Bus::Redis(bus) => Some(bus.history(channel, since, limit).await),
+            Bus::Memory(_) => Ok(History::Replay(Vec::new())),
+            Bus::Redis(bus) => bus.history(channel, since, limit).await,
         }
     }
 

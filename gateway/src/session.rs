@@ -290,8 +290,7 @@ impl Session {
         }
         // Resume: `since` applies to the channels joined above; pairs naming others are
         // ignored. The memory bus keeps no history, so there `since` is ignored altogether.
-        let Some(since) = since.filter(|_| matches!(self.node.bus, crate::bus::Bus::Redis(_)))
-        else {
+        let Some(since) = since.filter(|_| self.node.bus.keeps_history()) else {
             return Ok(());
         };
         for pair in protocol::parse_since_param(&since) {
@@ -322,23 +321,18 @@ impl Session {
         id: Option<&RawValue>,
     ) -> Result<(), End> {
         let limit = self.node.config.history.max_replay;
-        let gone = |message: &str| {
-            Some(protocol::error_frame(
-                "history_gone",
-                message,
-                Some(channel),
-                id,
-            ))
+        let read = match self.node.bus.history(channel, &since, limit).await {
+            Ok(History::Replay(entries)) => Ok(entries),
+            Ok(History::Gone(why)) => Err(why.to_owned()),
+            Err(e) => Err(format!("history could not be read: {e}")),
         };
-        let (entries, error) = match self.node.bus.history(channel, &since, limit).await {
-            None => return Ok(()),
-            Some(Ok(History::Replay(entries))) => (entries, None),
-            Some(Ok(History::Gone(why))) => (Vec::new(), gone(why)),
-            Some(Err(e)) => (Vec::new(), gone(&format!("history could not be read: {e}"))),
+        let entries = match read {
+            Ok(entries) => entries,
+            Err(why) => {
+                let frame = protocol::error_frame("history_gone", &why, Some(channel), id);
+                return self.send(ws, frame).await;
+            }
         };
-        if let Some(error) = error {
-            return self.send(ws, error).await;
-        }
         let last = match entries.last() {
             Some((offset, _)) => Offset::parse(offset).unwrap_or(since),
             None => since,
@@ -709,7 +703,7 @@ impl Session {
         since: Option<String>,
     ) -> Result<(), End> {
         // The memory bus keeps no history: `since` is ignored there.
-        let since = since.filter(|_| matches!(self.node.bus, crate::bus::Bus::Redis(_)));
+        let since = since.filter(|_| self.node.bus.keeps_history());
         let offset = match since.as_deref().map(|s| Offset::parse(s).ok_or(s)) {
             None => None,
             Some(Ok(offset)) => Some(offset),
