@@ -183,25 +183,11 @@ async fn execute(command: Command, config: Config) -> Result<(), Failure> {
         Command::Alert { level, title, text } => {
             let alert = Alert::new(level, title, text.join(" "))
                 .map_err(|e| Failure::Usage(e.to_string()))?;
-            let message = Message::json(config.alerts_channel(), &alert);
-            let publisher = one_shot_publisher(&config)?;
-            publisher
-                .publish(&message)
-                .await
-                .map_err(Failure::runtime)?;
-            println!("{}", String::from_utf8_lossy(&message.payload));
-            Ok(())
+            publish_once(&config, Message::json(config.alerts_channel(), &alert)).await
         }
         Command::Publish { channel, data } => {
             let channel = parse_channel(&channel)?;
-            let message = Message::from_text(channel, &data);
-            let publisher = one_shot_publisher(&config)?;
-            publisher
-                .publish(&message)
-                .await
-                .map_err(Failure::runtime)?;
-            println!("{}", String::from_utf8_lossy(&message.payload));
-            Ok(())
+            publish_once(&config, Message::from_text(channel, &data)).await
         }
         Command::Tail {
             file,
@@ -238,6 +224,16 @@ fn one_shot_publisher(config: &Config) -> Result<Publisher, Failure> {
         Metrics::new(&[]),
         config.history.clone(),
     ))
+}
+
+/// The one-shot commands: publish `message` and print its payload.
+async fn publish_once(config: &Config, message: Message) -> Result<(), Failure> {
+    one_shot_publisher(config)?
+        .publish(&message)
+        .await
+        .map_err(Failure::runtime)?;
+    println!("{}", String::from_utf8_lossy(&message.payload));
+    Ok(())
 }
 
 /// Flags become the last configuration layer; `--listen` and `--redis-url` are shorthands
