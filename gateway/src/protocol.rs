@@ -154,6 +154,14 @@ pub fn parse_since_param(param: &str) -> Vec<Result<(String, Offset), String>> {
         .collect()
 }
 
+/// The Redis stream holding `channel`'s history (SPEC §5), before the configured prefix; its
+/// epoch lives at this key plus `:epoch`. The braces make the channel the Redis Cluster hash
+/// tag of both keys. The one definition of the layout: the publisher writes what the gateway
+/// reads.
+pub fn history_key(channel: &str) -> String {
+    format!("history:{{{channel}}}")
+}
+
 /// The channel and offset of a message frame built by [`message_frame`] with an offset, read
 /// back from its text (used only while a session de-duplicates live frames against a replay,
 /// so that frames carry nothing extra). Unambiguous: the channel is a validated name written

@@ -58,11 +58,9 @@ redis.call('PUBLISH', ARGV[5], '\0' .. offset .. '\n' .. ARGV[4])
 return offset
 "#;
 
-/// The stream key of `channel` (without the prefix); the epoch key is this plus `:epoch`.
-/// The braces make the channel the Redis Cluster hash tag of both keys.
-pub fn history_key(channel: &str) -> String {
-    format!("history:{{{channel}}}")
-}
+/// The stream key of `channel` (without the prefix): the gateway's definition, since it reads
+/// what this writes.
+pub use gateway::protocol::history_key;
 
 /// A fresh epoch: 8 characters of RFC 4648 base32 (lowercase) from a random UUID.
 fn new_epoch() -> String {

@@ -181,7 +181,7 @@ async fn read_history(
     since: &Offset,
     limit: usize,
 ) -> Result<History, BusError> {
-    let stream = format!("{prefix}history:{{{channel}}}");
+    let stream = format!("{prefix}{}", crate::protocol::history_key(channel));
     let epoch_key = format!("{stream}:epoch");
     let read = async {
         let mut conn = pool
