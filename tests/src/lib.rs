@@ -57,6 +57,26 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The workspace root (deployment files are read from there).
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A system program, looked up on PATH and in the sbin directories (nginx lives in
+/// /usr/sbin, which a non-root PATH may lack). Panics naming `install`, how to get it, when it
+/// is missing: a test that needs a program fails without it rather than skip.
+pub fn system_program(name: &str, install: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not installed: {install} (.ci/run does)"))
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -381,9 +401,29 @@ impl GatewayNode {
     /// Start `gateway-node` with these environment variables (on top of the ports and name
     /// chosen here) and wait until `/healthz` answers.
     pub async fn start(name: &str, env: &[(String, String)]) -> GatewayNode {
+        Self::start_wrapped(name, env, &[]).await
+    }
+
+    /// As [`GatewayNode::start`], run through `wrapper` (a program and its arguments that
+    /// `exec`s the command after it, e.g. `["prlimit", "--nofile=512:4096", "--"]`), so that the
+    /// node's pid is still the gateway's.
+    pub async fn start_wrapped(
+        name: &str,
+        env: &[(String, String)],
+        wrapper: &[&str],
+    ) -> GatewayNode {
+        let gateway = bin_path("gateway-node");
         for _attempt in 0..3 {
             let (port, admin_port) = (free_port(), free_port());
-            let child = Command::new(bin_path("gateway-node"))
+            let mut command = match wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut command = Command::new(program);
+                    command.args(args).arg(&gateway);
+                    command
+                }
+                None => Command::new(&gateway),
+            };
+            let child = command
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env(
