@@ -136,19 +136,19 @@ async fn kills_during_resubscription_never_leave_a_gap_or_a_duplicate() {
     // Many channels and small batches, so that resubscribing takes many round trips and the
     // kills below land while it is under way.
     let cluster = cluster(&[
-        ("GATEWAY__LIMITS__MAX_SUBSCRIPTIONS", "3000"),
-        ("GATEWAY__REDIS__RESUBSCRIBE_BATCH", "50"),
+        ("GATEWAY__LIMITS__MAX_SUBSCRIPTIONS", "6000"),
+        ("GATEWAY__REDIS__RESUBSCRIBE_BATCH", "10"),
     ])
     .await;
     let publisher = publisher(&cluster).await;
     let node = &cluster.nodes[0];
     let (mut filler, _) = WsClient::connect_welcomed(&node.ws_url("channels=k:0")).await;
-    for i in 1..2000 {
+    for i in 1..5000 {
         filler
             .send_json(json!({"type": "subscribe", "channel": format!("k:{i}")}))
             .await;
     }
-    for _ in 1..2000 {
+    for _ in 1..5000 {
         filler.expect_type("subscribed").await;
     }
     let (mut client, _) = WsClient::connect_welcomed(&node.ws_url("channels=k:x")).await;
@@ -181,33 +181,70 @@ async fn kills_during_resubscription_never_leave_a_gap_or_a_duplicate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_whose_history_read_fails_is_told_never_skipped() {
+    let cluster = cluster(&[]).await;
+    let publisher = publisher(&cluster).await;
+    let (mut client, _) =
+        WsClient::connect_welcomed(&cluster.nodes[0].ws_url("channels=f:x")).await;
+    publish(publisher.port, "f:x", 1).await;
+    expect_sequence(&mut client, "f:x", 1, 1).await;
+
+    outage(&cluster).await;
+    publish(publisher.port, "f:x", 2).await;
+    // Back, but unable to read history (pub/sub and publishing still allowed).
+    let (user, forbid) = (USER, ["-@scripting", "-xrange", "-get", "-exec"]);
+    let mut args = vec!["ACL", "SETUSER", user];
+    args.extend(forbid);
+    cluster.redis.cli(&args);
+    back(&cluster).await;
+    publish(publisher.port, "f:x", 3).await;
+    let gone = expect_error(&mut client, "history_gone").await;
+    assert_eq!(gone["channel"], "f:x");
+    let next = client.until_message("f:x").await;
+    assert_eq!(next["data"]["n"], 3, "{next}");
+
+    // Readable again: the next outage is caught up as usual.
+    cluster.redis.cli(&["ACL", "SETUSER", user, "+@all"]);
+    outage(&cluster).await;
+    publish(publisher.port, "f:x", 4).await;
+    back(&cluster).await;
+    expect_sequence(&mut client, "f:x", 4, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_subscriber_is_never_caught_up_from_before_it_subscribed() {
     let cluster = cluster(&[("GATEWAY__REDIS__UNSUBSCRIBE_DELAY_MS", "20")]).await;
     let publisher = publisher(&cluster).await;
     let node = &cluster.nodes[0];
-    // Messages still in flight when the channel is released must not leave a position behind.
+    // Messages still in flight when the channel is released must not leave a position
+    // behind: publish fast from several producers while the node unsubscribes.
     let (mut a, _) = WsClient::connect_welcomed(&node.ws_url("channels=s:other")).await;
     a.request(json!({"type": "subscribe", "channel": "s:x"}))
         .await;
-    let burst = tests::publish_in_background(publisher.port, "s:x", 1..=30);
-    a.until_message("s:x").await;
+    let bursts: Vec<_> = (0..4)
+        .map(|i| tests::publish_in_background(publisher.port, "s:x", i * 100 + 1..=i * 100 + 100))
+        .collect();
+    for _ in 0..10 {
+        a.until_message("s:x").await;
+    }
     a.request(json!({"type": "unsubscribe", "channel": "s:x"}))
         .await;
-    burst.await.unwrap();
     eventually("the node unsubscribes", async || {
         (cluster.redis.numsub("s:x") == 0).then_some(())
     })
     .await;
-    publish(publisher.port, "s:x", 31).await;
+    for burst in bursts {
+        burst.await.unwrap();
+    }
 
+    // A new subscriber that receives nothing before the node's connection is replaced: what
+    // it gets after is what was published after it subscribed, nothing older.
     let (mut b, _) = WsClient::connect_welcomed(&node.ws_url("channels=s:x")).await;
-    publish(publisher.port, "s:x", 32).await;
-    expect_sequence(&mut b, "s:x", 32, 32).await;
     outage(&cluster).await;
-    publish(publisher.port, "s:x", 33).await;
+    publish(publisher.port, "s:x", 1000).await;
     back(&cluster).await;
-    publish(publisher.port, "s:x", 34).await;
-    expect_sequence(&mut b, "s:x", 33, 34).await;
+    publish(publisher.port, "s:x", 1001).await;
+    expect_sequence(&mut b, "s:x", 1000, 1001).await;
     expect_quiet(&mut b, "s:x").await;
 }
 
