@@ -112,6 +112,8 @@ struct State {
     ping_wanted: bool,
     /// Channels subscribed on the current connection (for `gateway_channels`).
     subscribed: usize,
+    /// Wanted channels not live: `/readyz` asks often, the map may be large.
+    not_live: usize,
 }
 
 /// What the subscriber must read from history after a SUBSCRIBE was confirmed.
@@ -146,6 +148,7 @@ impl Channels {
                 pings_sent: 0,
                 ping_wanted: false,
                 subscribed: 0,
+                not_live: 0,
             }),
             wake: Notify::new(),
             hub,
@@ -169,6 +172,7 @@ impl Channels {
             Some(chan) => chan.release_at = None,
             None => {
                 state.map.insert(channel.into(), Chan::new());
+                state.not_live += 1;
                 state.unsent.push(channel.into());
                 drop(state);
                 self.wake.notify_one();
@@ -194,6 +198,7 @@ impl Channels {
         if !state.map.contains_key(channel) {
             // Released and forgotten between the caller's hub subscribe and now: want it again.
             state.map.insert(channel.into(), Chan::new());
+            state.not_live += 1;
             state.unsent.push(channel.into());
             self.wake.notify_one();
         }
@@ -209,7 +214,11 @@ impl Channels {
     /// Connected, and every wanted channel live.
     pub fn is_ready(&self) -> bool {
         let state = self.lock();
-        state.connected && state.map.values().all(|c| c.phase == Phase::Live)
+        debug_assert_eq!(
+            state.not_live,
+            state.map.values().filter(|c| c.phase != Phase::Live).count()
+        );
+        state.connected && state.not_live == 0
     }
 
     // --- the reader ---
@@ -272,6 +281,7 @@ impl Channels {
         state.subscribed = 0;
         state.unsent.clear();
         state.provisional.clear();
+        state.not_live = state.map.len();
         for chan in state.map.values_mut() {
             chan.phase = Phase::Pending;
             chan.sent = false;
@@ -313,7 +323,7 @@ impl Channels {
         if state.conn != conn {
             return reads;
         }
-        let mut confirmed = 0;
+        let (mut confirmed, mut live) = (0, 0);
         for channel in channels {
             let Some(chan) = state.map.get_mut(channel.as_str()) else {
                 continue;
@@ -333,6 +343,7 @@ impl Channels {
             } else {
                 chan.phase = Phase::Live;
                 chan.told = true;
+                live += 1;
                 if let Some(extra) = &mut chan.extra {
                     for waiter in extra.waiters.drain(..) {
                         let _ = waiter.send(Live(None));
@@ -348,6 +359,7 @@ impl Channels {
             }
         }
         state.subscribed += confirmed;
+        state.not_live -= live;
         self.metrics.channels.set(state.subscribed as i64);
         reads
     }
@@ -434,6 +446,7 @@ impl Channels {
         if state.conn != conn {
             return None;
         }
+        let state = &mut *state;
         let chan = state.map.get_mut(channel)?;
         if chan.phase != Phase::CatchingUp {
             return None;
@@ -495,6 +508,7 @@ impl Channels {
             });
         }
         chan.phase = Phase::Live;
+        state.not_live -= 1;
         let at = match &chan.position {
             Position::At(o) => Some(o.clone()),
             _ => None,
@@ -522,6 +536,9 @@ impl Channels {
                         continue;
                     }
                     let chan = state.map.remove(&name).expect("just found");
+                    if chan.phase != Phase::Live {
+                        state.not_live -= 1;
+                    }
                     if chan.sent && chan.phase != Phase::Pending {
                         state.subscribed = state.subscribed.saturating_sub(1);
                         gone.push(name.into());
