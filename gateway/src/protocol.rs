@@ -154,12 +154,13 @@ pub fn parse_since_param(param: &str) -> Vec<Result<(String, Offset), String>> {
         .collect()
 }
 
-/// The Redis stream holding `channel`'s history (SPEC §5), before the configured prefix; its
-/// epoch lives at this key plus `:epoch`. The braces make the channel the Redis Cluster hash
-/// tag of both keys. The one definition of the layout: the publisher writes what the gateway
-/// reads.
-pub fn history_key(channel: &str) -> String {
-    format!("history:{{{channel}}}")
+/// The Redis key of the stream holding `channel`'s history (README "History and recovery"):
+/// `<prefix>history:{<prefix><channel>}`; its epoch lives at this key plus `:epoch`. The braces
+/// make the Redis channel (`<prefix><channel>`) the hash tag of both keys, so that on a Redis
+/// Cluster they live in the slot of the channel's SPUBLISH and one script can append and
+/// publish. The one definition of the layout: the publisher writes what the gateway reads.
+pub fn history_key(prefix: &str, channel: &str) -> String {
+    format!("{prefix}history:{{{prefix}{channel}}}")
 }
 
 /// The channel and offset of a message frame built by [`message_frame`] with an offset, read

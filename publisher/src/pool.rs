@@ -98,6 +98,11 @@ impl RedisPool {
         key
     }
 
+    /// `redis.prefix`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The Redis URL with credentials hidden.
     pub fn url(&self) -> &str {
         &self.url

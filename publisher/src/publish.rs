@@ -149,7 +149,7 @@ impl Publisher {
         let mut pipe = redis::pipe();
         for message in messages {
             let channel = message.channel.as_str();
-            let stream = self.redis.key(&history_key(channel));
+            let stream = history_key(self.redis.prefix(), channel);
             let epoch = format!("{stream}:epoch");
             pipe.cmd("EVAL")
                 .arg(SCRIPT)
@@ -184,7 +184,9 @@ mod tests {
             .bytes()
             .all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)));
         assert_ne!(a, b);
-        assert_eq!(history_key("chat:lobby"), "history:{chat:lobby}");
+        assert_eq!(history_key("", "chat:lobby"), "history:{chat:lobby}");
+        // The hash tag is the Redis channel, prefix included (its SPUBLISH slot).
+        assert_eq!(history_key("app:", "news"), "app:history:{app:news}");
     }
 
     #[test]

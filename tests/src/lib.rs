@@ -242,6 +242,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// The namespace's name and address, when it runs in one.
     netns: Option<(String, String)>,
+    /// More `redis-server` arguments (cluster mode).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -255,6 +257,10 @@ impl RedisServer {
     }
 
     fn start_with(netns: Option<(String, String)>) -> RedisServer {
+        Self::start_full(netns, Vec::new())
+    }
+
+    fn start_full(netns: Option<(String, String)>, extra: Vec<String>) -> RedisServer {
         let port = free_port();
         let dir = TempDir::new("redis");
         let mut server = RedisServer {
@@ -262,6 +268,7 @@ impl RedisServer {
             dir,
             child: None,
             netns,
+            extra,
         };
         server.spawn();
         server
@@ -288,6 +295,7 @@ impl RedisServer {
             .command("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", &bind])
             .args(["--protected-mode", "no"])
+            .args(&self.extra)
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -384,6 +392,164 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+// === redis cluster ===
+
+/// A real Redis Cluster: 3 primaries and 3 replicas, each a `redis-server` on free loopback
+/// ports (its own dir and cluster bus port), joined by `redis-cli --cluster create
+/// --cluster-replicas 1`, with a short `cluster-node-timeout` so failovers happen in seconds.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// `cluster-node-timeout` of the test cluster.
+    pub const NODE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                let extra = [
+                    "--cluster-enabled".to_owned(),
+                    "yes".to_owned(),
+                    "--cluster-node-timeout".to_owned(),
+                    Self::NODE_TIMEOUT.as_millis().to_string(),
+                    "--cluster-port".to_owned(),
+                    free_port().to_string(),
+                ];
+                RedisServer::start_full(None, extra.to_vec())
+            })
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.await_healthy();
+        cluster
+    }
+
+    /// Wait until every live node says `cluster_state:ok` and knows every other.
+    pub fn await_healthy(&self) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let healthy = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.cli_try(&["CLUSTER", "INFO"]).is_some_and(|info| {
+                    info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")
+                })
+            });
+            if healthy {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the redis cluster is not healthy"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `redis.cluster_nodes` for a program: every node as a seed.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A node that is up, for commands that do not care which.
+    pub fn any(&self) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .expect("a live node")
+    }
+
+    /// The hash slot of a key or shard channel (`CLUSTER KEYSLOT`).
+    pub fn slot(&self, name: &str) -> u16 {
+        self.any()
+            .cli(&["CLUSTER", "KEYSLOT", name])
+            .parse()
+            .expect("a slot number")
+    }
+
+    /// The node that currently serves `slot` as primary, by port (from `CLUSTER SHARDS` as a
+    /// live node sees it).
+    pub fn primary_of(&self, slot: u16) -> &RedisServer {
+        let port = self.owner_port(slot, "master");
+        self.node(port)
+    }
+
+    /// A replica of the shard that serves `slot`.
+    pub fn replica_of(&self, slot: u16) -> &RedisServer {
+        let port = self.owner_port(slot, "slave");
+        self.node(port)
+    }
+
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    pub fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// From `CLUSTER NODES`: the port of the node with `role` (master/slave) in the shard
+    /// that serves `slot`.
+    fn owner_port(&self, slot: u16, role: &str) -> u16 {
+        let nodes = self.any().cli(&["CLUSTER", "NODES"]);
+        let parse = |line: &str| -> Option<(String, u16, String, String, Vec<String>)> {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let id = fields.first()?.to_string();
+            let port = fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+            let flags = fields.get(2)?.to_string();
+            let master = fields.get(3)?.to_string();
+            let slots = fields.iter().skip(8).map(|s| s.to_string()).collect();
+            Some((id, port, flags, master, slots))
+        };
+        let entries: Vec<_> = nodes.lines().filter_map(parse).collect();
+        let owns = |ranges: &[String]| {
+            ranges.iter().any(|r| match r.split_once('-') {
+                Some((a, b)) => {
+                    a.parse::<u16>().is_ok_and(|a| a <= slot)
+                        && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                }
+                None => r.parse::<u16>().is_ok_and(|s| s == slot),
+            })
+        };
+        let master = entries
+            .iter()
+            .find(|(_, _, flags, _, slots)| {
+                flags.contains("master") && !flags.contains("fail") && owns(slots)
+            })
+            .unwrap_or_else(|| panic!("no primary serves slot {slot}:\n{nodes}"));
+        if role == "master" {
+            return master.1;
+        }
+        entries
+            .iter()
+            .find(|(_, _, flags, of, _)| {
+                flags.contains("slave") && !flags.contains("fail") && *of == master.0
+            })
+            .unwrap_or_else(|| panic!("no replica for slot {slot}:\n{nodes}"))
+            .1
     }
 }
 

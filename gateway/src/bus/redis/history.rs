@@ -139,7 +139,7 @@ pub async fn read(
     pipe.ignore_errors();
     pipe.cmd("SCRIPT").arg("LOAD").arg(READ_SCRIPT).ignore();
     for request in requests {
-        let stream = format!("{prefix}{}", protocol::history_key(&request.channel));
+        let stream = protocol::history_key(prefix, &request.channel);
         let (start, count) = match &request.from {
             Position::At(offset) if request.limit > 0 => {
                 (offset.stream_id(), request.limit.saturating_add(2))
