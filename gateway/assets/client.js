@@ -21,6 +21,7 @@ const NO_RECONNECT = new Map([
   [1003, "binary frame not accepted"],
   [1007, "invalid UTF-8"],
   [1009, "message too big"],
+  [4400, "bad request (client_id or query)"],
   [4401, "missing, bad or expired token"],
   [4403, "origin not allowed"],
 ]);

@@ -157,9 +157,10 @@ impl Verifier {
 /// Turn verified claims into a grant, validating `sub` and the patterns.
 fn grant(claims: Claims) -> Result<Grant, AuthError> {
     if !protocol::valid_client_id(&claims.sub) {
-        return Err(AuthError::Invalid(
-            "`sub` must be 1-123 chars of A-Z a-z 0-9 _ - . : @".into(),
-        ));
+        return Err(AuthError::Invalid(format!(
+            "`sub` must be {}",
+            protocol::CLIENT_ID_RULE
+        )));
     }
     let channels = compile("channels", claims.channels)?;
     let publish = compile("publish", claims.publish)?;

@@ -42,6 +42,8 @@ pub mod reason {
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// The session's token expired without a refresh (4401).
     pub const TOKEN_EXPIRED: &str = "token_expired";
+    /// Refused at connect: unusable parameters such as a bad `client_id` (4400).
+    pub const BAD_REQUEST: &str = "bad_request";
     /// Refused at connect: Origin not in `origins` (4403).
     pub const ORIGIN_FORBIDDEN: &str = "origin_forbidden";
     pub const IO_ERROR: &str = "io_error";

@@ -30,6 +30,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4000;
     pub const HEARTBEAT_TIMEOUT: u16 = 4001;
     pub const RATE_LIMITED: u16 = 4029;
+    /// The upgrade request's parameters are unusable (a bad `client_id`, a malformed query).
+    pub const BAD_REQUEST: u16 = 4400;
     pub const UNAUTHORIZED: u16 = 4401;
     pub const FORBIDDEN_ORIGIN: u16 = 4403;
 }
@@ -44,6 +46,9 @@ pub fn valid_channel(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
 }
+
+/// The client-id rule, as error messages and close reasons state it.
+pub const CLIENT_ID_RULE: &str = "1-123 chars of A-Z a-z 0-9 _ - . : @";
 
 /// Whether a client id is usable: it becomes part of the personal channel `user:<id>`, so it
 /// must keep that channel valid.

@@ -409,6 +409,16 @@ struct WsQuery {
     since: Option<String>,
 }
 
+/// What is wrong with a query string that does not deserialize, in a close reason's words
+/// (axum's rejection text starts with its own preamble).
+fn query_problem(rejection: &axum::extract::rejection::QueryRejection) -> String {
+    let text = rejection.body_text();
+    match text.split_once(": ") {
+        Some((_, detail)) => detail.to_owned(),
+        None => text,
+    }
+}
+
 /// The token of `Authorization: Bearer <token>`.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -434,10 +444,6 @@ async fn ws_handler(
             "node is shutting down",
         );
     }
-    let query = match query {
-        Ok(Query(query)) => query,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
-    };
     let upgrade = upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -449,6 +455,14 @@ async fn ws_handler(
         let refusal = (close::FORBIDDEN_ORIGIN, reason::ORIGIN_FORBIDDEN, message);
         return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
     }
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => {
+            let message = format!("bad query string: {}", query_problem(&e));
+            let refusal = (close::BAD_REQUEST, reason::BAD_REQUEST, message);
+            return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
+        }
+    };
     let (client_id, grant) = match &node.verifier {
         // With auth on, the identity comes from the token only; `client_id`/`Id` are ignored.
         Some(verifier) => {
@@ -468,11 +482,12 @@ async fn ws_handler(
         None => match query.client_id.or(query.id) {
             Some(id) if protocol::valid_client_id(&id) => (id, None),
             Some(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_client_id",
-                    "client_id must be 1-123 chars of A-Z a-z 0-9 _ - . : @",
-                )
+                let refusal = (
+                    close::BAD_REQUEST,
+                    reason::BAD_REQUEST,
+                    format!("bad client_id: {}", protocol::CLIENT_ID_RULE),
+                );
+                return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
             }
             None => (uuid::Uuid::new_v4().simple().to_string(), None),
         },

@@ -648,6 +648,25 @@ impl WsClient {
         }
     }
 
+    /// Read (skipping text frames) until the server's close frame: its code and reason.
+    pub async fn expect_close_frame(&mut self) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no close frame within {TIMEOUT:?}"));
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.as_str().to_owned());
+                }
+                Some(Ok(Message::Close(None))) | Some(Err(_)) | None => {
+                    panic!("the connection ended without a close frame")
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// A request/response round trip: send `frame`, return the next frame that is not a
     /// `message`.
     pub async fn request(&mut self, frame: Value) -> Value {

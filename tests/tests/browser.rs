@@ -162,6 +162,7 @@ return {
     me: li.classList.contains("me"),
   })),
   logs: [...q("logs").querySelectorAll(".line")].map((s) => s.textContent),
+  notice: text("notice"),
   api: demo ? { state: demo.state(), node: demo.node(), room: demo.room(), received: demo.received() } : null,
   transitions: window.__transitions ?? [],
 };
@@ -666,4 +667,39 @@ async fn screenshot_of_the_demo_page_with_clock_alert_chat_and_logs() {
     let path = save_artifact("demo.png", &png);
     assert!(Path::new(&path).exists());
     eprintln!("screenshot: {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_client_id_is_shown_on_the_page_and_not_retried() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster(1).await;
+    let node = &cluster.nodes[0];
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser("bad-client-id").await;
+    browser
+        .open(&page_url(node.port, "client_id=bad%20id"))
+        .await;
+
+    // `closed`, not `reconnecting`: the client library treats 4400 as final.
+    let snap = browser
+        .wait_for("the page to stop with 4400", |s| {
+            (s["state"] == "closed").then(|| s.clone())
+        })
+        .await;
+    let state = snap["state_text"].as_str().unwrap();
+    assert!(
+        state.contains("4400") && state.contains("bad client_id"),
+        "the state says why: {state:?}"
+    );
+    let notice = snap["notice"].as_str().unwrap();
+    assert!(
+        notice.contains("4400") && notice.contains("Check client_id"),
+        "the notice says what to do: {notice:?}"
+    );
+    let m = node.metrics().await;
+    assert_eq!(
+        m.get(r#"gateway_disconnects_total{reason="bad_request"}"#),
+        1.0,
+        "one attempt, no retries so far"
+    );
 }

@@ -121,7 +121,10 @@ async fn health_and_bad_http_requests_get_json_answers() {
             ("Origin", origin),
         ]
     };
-    let r = http_request(
+    // A bad client_id is a 4400 close after the upgrade, not an HTTP 400, and a refused
+    // Origin a 4403 close, not an HTTP 403: browsers cannot read a refused upgrade's status
+    // (docs/REFERENCE.md §2, close codes).
+    let (status, _) = http_request(
         node.port,
         "GET",
         "/ws?client_id=bad%20id",
@@ -130,9 +133,15 @@ async fn health_and_bad_http_requests_get_json_answers() {
     )
     .await
     .unwrap();
-    assert_eq!(json_error(r), (400, "bad_client_id".into()));
-    // A refused Origin is a 4403 close after the upgrade, not an HTTP 403: browsers cannot
-    // read a refused upgrade's status (SPEC §2 close codes).
+    assert_eq!(status, 101, "a bad client_id is refused after the upgrade");
+    let mut bad = WsClient::connect_with(
+        &node.ws_url("client_id=bad%20id"),
+        &[("Origin", "https://app.example.com")],
+    )
+    .await;
+    let (code, reason) = bad.expect_close_frame().await;
+    assert_eq!(code, 4400);
+    assert!(reason.starts_with("bad client_id: "), "{reason:?}");
     let mut refused =
         WsClient::connect_with(&node.ws_url(""), &[("Origin", "https://evil.example.com")]).await;
     assert_eq!(refused.expect_close().await, Some(4403));
