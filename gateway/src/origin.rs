@@ -1,7 +1,8 @@
-//! The Origin allowlist for browser clients (SPEC §6). A request without an `Origin` header
-//! is a non-browser client and is not subject to it.
+//! The Origin allowlist for browser clients (SPEC §6), used for WebSocket upgrades (refused:
+//! 4403) and for the CORS header of `/client.js`. A request without an `Origin` header is a
+//! non-browser client and is not subject to it.
 
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderValue};
 
 /// Check the request's `Origin` against `allowed`: empty = same host only (the Origin's
 /// host[:port] equals the `Host` header), `*` = any, `https://*.example.com` = any subdomain,
@@ -22,6 +23,14 @@ pub fn check(allowed: &[String], headers: &HeaderMap) -> Result<(), String> {
     } else {
         Err(format!("origin {origin} is not allowed"))
     }
+}
+
+/// The value of `Access-Control-Allow-Origin` for this request: its `Origin` when `allowed`
+/// admits it, else None (no header: the browser keeps the response from the page).
+pub fn cors_origin(allowed: &[String], headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(header::ORIGIN)?;
+    check(allowed, headers).ok()?;
+    Some(origin.clone())
 }
 
 fn allows(allowed: &[String], origin: &str, host: Option<&str>) -> bool {

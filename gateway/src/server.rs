@@ -390,12 +390,58 @@ async fn index() -> Response {
         .into_response()
 }
 
-async fn client_js() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        include_str!("../assets/client.js"),
-    )
-        .into_response()
+/// The browser client module, embedded in the binary.
+const CLIENT_JS: &str = include_str!("../assets/client.js");
+
+/// `client.js`'s strong validator: the gateway's version and a hash of the module's text, so
+/// it changes exactly when the module does.
+static CLIENT_JS_ETAG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // FNV-1a: stable across builds and Rust versions, unlike `DefaultHasher`.
+    let hash = CLIENT_JS.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("\"{}-{hash:016x}\"", env!("CARGO_PKG_VERSION"))
+});
+
+/// `/client.js`, importable from the sites in `origins` (CORS) and cached as an asset that
+/// changes with the gateway's version: browsers keep it but revalidate before each use
+/// (`no-cache` + `ETag`, answered 304 while unchanged), so an upgraded node never serves a
+/// page a stale client.
+async fn client_js(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    let etag = CLIENT_JS_ETAG.as_str();
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| {
+            tags.split(',')
+                .map(|t| t.trim().trim_start_matches("W/"))
+                .any(|t| t == etag || t == "*")
+        });
+    let mut response = if fresh {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+            CLIENT_JS,
+        )
+            .into_response()
+    };
+    let out = response.headers_mut();
+    out.insert(header::ETAG, header::HeaderValue::from_static(etag));
+    out.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("public, no-cache"),
+    );
+    out.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    // The answer depends on the request's Origin: shared caches must keep them apart.
+    out.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    if let Some(origin) = origin::cors_origin(&node.config.origins, &headers) {
+        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
+    response
 }
 
 /// Query parameters of `/ws` (SPEC §2). `Id` is the seed page's spelling of `client_id`.

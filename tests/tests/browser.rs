@@ -347,6 +347,94 @@ fn alerts_titled<'a>(snap: &'a Value, title: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+// === an integrator's site ===
+
+/// A web server of another site: answers every request with `html`, on its own port, so the
+/// page's origin is not the gateway's. Stops when dropped.
+struct SiteServer {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SiteServer {
+    async fn start(html: String) -> SiteServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the site's port");
+        let port = listener.local_addr().unwrap().port();
+        let html: std::sync::Arc<str> = html.into();
+        let task = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let html = html.clone();
+                tokio::spawn(async move {
+                    // Read the request head, whatever it asks for (the page, a favicon).
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                        html.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        SiteServer { port, task }
+    }
+}
+
+impl Drop for SiteServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An integrator's page, as README's "Using the client from your own page" shows it: it
+/// imports `client.js` from the gateway at `127.0.0.1:<?gw=PORT>`, subscribes to `alerts`
+/// and records what happens in `window.__site` (a failed import included).
+const INTEGRATOR_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>another site</title>
+<script type="module">
+window.__site = { imported: null, welcome: null, alerts: [] };
+const gateway = "127.0.0.1:" + new URLSearchParams(location.search).get("gw");
+import(`http://${gateway}/client.js`).then(({ GatewayClient }) => {
+  window.__site.imported = true;
+  const client = new GatewayClient([`ws://${gateway}/ws`], { channels: ["alerts"] });
+  client.onWelcome((w) => { window.__site.welcome = w; });
+  client.on("alerts", (data) => { window.__site.alerts.push(data); });
+  client.connect();
+}, (err) => { window.__site.imported = String(err); });
+</script>"#;
+
+impl Browser {
+    /// Poll the integrator page's `window.__site` until `check` accepts it.
+    async fn wait_for_site<T>(&self, what: &str, mut check: impl FnMut(&Value) -> Option<T>) -> T {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let site = self
+                .client
+                .execute("return window.__site ?? null;", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{}: read window.__site: {e}", self.label));
+            if let Some(v) = check(&site) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {what}; the page has {site:#}",
+                self.label
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 // === the tests ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,4 +790,56 @@ async fn a_bad_client_id_is_shown_on_the_page_and_not_retried() {
         1.0,
         "one attempt, no retries so far"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_site_imports_client_js_from_the_gateway_when_its_origin_is_allowed() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    // The site is http://localhost:S; the gateway is at 127.0.0.1:G, another origin (the host
+    // differs, not only the port), so the import is a cross-origin module fetch.
+    let site = SiteServer::start(INTEGRATOR_PAGE.to_owned()).await;
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env(
+            "GATEWAY__ORIGINS",
+            &format!("http://localhost:{}", site.port),
+        )
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    let driver = Chromedriver::start().await;
+
+    let browser = driver.browser("cors").await;
+    browser
+        .open(&format!("http://localhost:{}/?gw={}", site.port, node.port))
+        .await;
+    let welcome = browser
+        .wait_for_site("the welcome on the other site", |s| {
+            (s["imported"] == true && s["welcome"].is_object()).then(|| s["welcome"].clone())
+        })
+        .await;
+    assert_eq!(welcome["node"], node.name.as_str());
+    cluster.redis.cli(&[
+        "PUBLISH",
+        "alerts",
+        r#"{"level":"info","title":"Cross-site","text":"from the gateway"}"#,
+    ]);
+    let alert = browser
+        .wait_for_site("the alert on the other site", |s| {
+            s["alerts"].as_array()?.first().cloned()
+        })
+        .await;
+    assert_eq!(alert["title"], "Cross-site");
+
+    // A site that is not in `origins` cannot import the module: no CORS header.
+    let refused = driver.browser("cors-refused").await;
+    refused
+        .open(&format!("http://127.0.0.1:{}/?gw={}", site.port, node.port))
+        .await;
+    let error = refused
+        .wait_for_site("the refused import", |s| {
+            s["imported"].as_str().map(str::to_owned)
+        })
+        .await;
+    assert!(error.contains("Failed to fetch"), "{error}");
 }

@@ -1,7 +1,7 @@
 //! What operators see: metrics, health, HTTP errors, configuration errors.
 
 use serde_json::{json, Value};
-use tests::{http_get, http_request, run_gateway_to_exit, Cluster, WsClient};
+use tests::{http_exchange, http_get, http_request, run_gateway_to_exit, Cluster, WsClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_count_what_happened() {
@@ -151,6 +151,75 @@ async fn health_and_bad_http_requests_get_json_answers() {
             .unwrap();
         assert_eq!(status, 101, "{allowed} is allowed");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_js_is_served_with_cors_for_the_origins_and_revalidated_by_etag() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env("GATEWAY__ORIGINS", "https://app.example.com")
+        .start()
+        .await;
+    let port = cluster.nodes[0].port;
+    let get = |headers: &'static [(&'static str, &'static str)]| async move {
+        http_exchange(port, "GET", "/client.js", headers, "")
+            .await
+            .expect("client.js answers")
+    };
+
+    let allowed = get(&[("Origin", "https://app.example.com")]).await;
+    assert_eq!(allowed.status, 200);
+    assert!(allowed.body.contains("export class GatewayClient"));
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        allowed.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert_eq!(allowed.header("cache-control"), Some("public, no-cache"));
+    assert_eq!(allowed.header("vary"), Some("Origin"));
+    let etag = allowed.header("etag").expect("an ETag").to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+
+    // Another site gets the module but no CORS header, so its browser keeps it from the page.
+    let other = get(&[("Origin", "https://evil.example.com")]).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    // So does a request without Origin (not a browser's cross-site fetch).
+    assert_eq!(get(&[]).await.header("access-control-allow-origin"), None);
+
+    // Revalidation: the same ETag is a 304 without a body, with the CORS header again.
+    let cached = http_exchange(
+        port,
+        "GET",
+        "/client.js",
+        &[
+            ("Origin", "https://app.example.com"),
+            ("If-None-Match", &etag),
+        ],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(cached.status, 304);
+    assert_eq!(cached.body, "");
+    assert_eq!(cached.header("etag"), Some(etag.as_str()));
+    assert_eq!(
+        cached.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    let stale = http_exchange(
+        port,
+        "GET",
+        "/client.js",
+        &[("If-None-Match", "\"0.0.0-0000000000000000\"")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(stale.status, 200);
 }
 
 #[test]
