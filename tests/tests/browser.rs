@@ -843,3 +843,32 @@ async fn another_site_imports_client_js_from_the_gateway_when_its_origin_is_allo
         .await;
     assert!(error.contains("Failed to fetch"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_origins_a_page_from_one_local_node_fails_over_to_the_other() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    // README's two local nodes, as configured there: no `origins`, so the default rule.
+    let mut cluster = Cluster::start(2).await;
+    let (a, b) = (cluster.nodes[0].port, cluster.nodes[1].port);
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser("local-failover").await;
+    // The page comes from node B and lists A first: its origin (B's port) differs from A's.
+    browser
+        .open(&page_url(b, &format!("ws={},{}", ws(a), ws(b))))
+        .await;
+    browser.wait_open_on(&names[0]).await;
+
+    cluster.nodes[0].kill();
+    browser.wait_open_on(&names[1]).await;
+    cluster.redis.cli(&[
+        "PUBLISH",
+        "alerts",
+        r#"{"level":"info","title":"Still here","text":"via node B"}"#,
+    ]);
+    browser
+        .wait_for("an alert after the failover", |s| {
+            alerts_titled(s, "Still here").first().cloned().cloned()
+        })
+        .await;
+}
