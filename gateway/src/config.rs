@@ -53,6 +53,9 @@ pub struct Config {
     pub ticks: Option<bool>,
     /// Interval of the node's own ticks.
     pub tick_interval_ms: u64,
+    /// With Redis, a ticking node takes part in the tick lease (`lease.rs`) with this TTL: a
+    /// dead ticker is replaced within about this long.
+    pub tick_lease_ttl_ms: u64,
     /// Channel patterns clients may publish to.
     pub client_publish: Vec<String>,
     /// Channels of a session that names none.
@@ -177,6 +180,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             ticks: None,
             tick_interval_ms: 1000,
+            tick_lease_ttl_ms: 3000,
             client_publish: vec!["chat:*".into()],
             default_channels: vec!["ticks".into()],
             origins: Vec::new(),
@@ -321,6 +325,13 @@ impl Config {
             self.redis.resubscribe_batch as u64,
         )?;
         positive("tick_interval_ms", self.tick_interval_ms)?;
+        // Renewal runs every ttl/3 and must have room for a round trip.
+        if !(100..=3_600_000).contains(&self.tick_lease_ttl_ms) {
+            return Err(invalid(
+                "tick_lease_ttl_ms",
+                "must be between 100 and 3600000",
+            ));
+        }
         for pattern in &self.client_publish {
             let literal = pattern.replace('*', "x");
             if pattern.is_empty() || !protocol::valid_channel(&literal) {
@@ -427,6 +438,20 @@ impl Config {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// `url` with its user-info hidden, for messages and logs:
+/// `redis://:secret@host:6379` → `redis://***@host:6379`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_owned(),
     }
 }
 

@@ -210,15 +210,12 @@ pub async fn run(
     // The bus and the ticker outlive the sessions' drain, so they have their own token.
     let background = CancellationToken::new();
     let bus = Bus::start(&config, hub.clone(), metrics.clone(), background.clone());
-    if config.ticks_enabled() {
-        tokio::spawn(ticker::run(
-            bus.clone(),
-            std::time::Duration::from_millis(config.tick_interval_ms),
-            background.clone(),
-        ));
-    }
+    let node_name = config.node_name();
+    let ticks = config
+        .ticks_enabled()
+        .then(|| ticker::spawn(&config, &node_name, bus.clone(), background.clone()));
     let node = Arc::new(Node {
-        node_name: config.node_name(),
+        node_name,
         config,
         hub,
         bus,
@@ -282,6 +279,15 @@ pub async fn run(
         tracing::info!(closed = open, "drained");
     }
     background.cancel();
+    if let Some(ticks) = ticks {
+        // Bounded: a held tick lease is released within its own deadline (a third of its TTL),
+        // so the next ticker takes over at once instead of after the TTL.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(node.config.tick_lease_ttl_ms),
+            ticks,
+        )
+        .await;
+    }
     admin_stop.cancel();
     let _ = admin.await;
     Ok(())

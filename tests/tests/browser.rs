@@ -296,14 +296,15 @@ fn slug(text: &str) -> String {
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Nodes that accept pages from any origin (a page served by one node connects to another)
-/// and tick on `ticks` every 500 ms, wall-clock aligned. With several nodes every node ticks:
-/// the duplicates carry the same `time`, so the clock still only moves forward.
+/// and tick on `ticks` every 500 ms, wall-clock aligned. With several nodes they share the
+/// tick lease: one ticks, and another takes over within a second when it dies.
 async fn cluster(nodes: usize) -> Cluster {
     Cluster::builder()
         .nodes(nodes)
         .env("GATEWAY__ORIGINS", "*")
         .env("GATEWAY__TICKS", "true")
         .env("GATEWAY__TICK_INTERVAL_MS", "500")
+        .env("GATEWAY__TICK_LEASE_TTL_MS", "1000")
         .start()
         .await
 }
@@ -636,7 +637,8 @@ async fn the_page_fails_over_to_another_node_on_kill_and_on_drain() {
             .any(|t| t["state"] == "reconnecting" && t["code"] != 1001),
         "a lost connection, not a drain: {transitions:?}"
     );
-    // It keeps working: the clock moves on (B ticks) and a new alert arrives.
+    // It keeps working: the clock moves on (a surviving node took over the tick lease) and a
+    // new alert arrives.
     let t = clock_iso(&snap).unwrap_or_default();
     clock_after(&browser, Some(&t)).await;
     cluster.redis.cli(&[
