@@ -20,7 +20,7 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite;
 
 use crate::auth::{self, Grant, Permissions};
-use crate::bus::History;
+use crate::bus::{BusError, History};
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
 use crate::metrics::reason;
 use crate::outbox::{signal, Frame, Outbox};
@@ -799,7 +799,7 @@ impl Session {
                 Ok(()) => id.map(|id| protocol::published_frame(channel, Some(id))),
                 Err(e) => Some(protocol::error_frame(
                     "publish_failed",
-                    &e.to_string(),
+                    publish_failure(&e),
                     Some(channel),
                     id,
                 )),
@@ -819,6 +819,19 @@ impl Session {
         }
         for channel in std::mem::take(&mut self.channels) {
             self.remove_from_hub(&channel);
+        }
+    }
+}
+
+/// What a client is told when its publish failed, in the product's words: the bus error's own
+/// text comes from the Redis client or its pool and means nothing to a client.
+fn publish_failure(e: &BusError) -> &'static str {
+    match e {
+        BusError::Unavailable(_) => {
+            "not published: the message bus (Redis) is unavailable; try again later"
+        }
+        BusError::Timeout => {
+            "the message bus (Redis) did not answer in time; the message may not have been published"
         }
     }
 }
