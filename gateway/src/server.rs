@@ -69,6 +69,8 @@ pub struct Node {
     /// map with its last session, so the map is bounded by the open sessions.
     per_ip: Box<[Mutex<HashMap<IpAddr, u32>>]>,
     next_session: AtomicU64,
+    /// The demo page as this node serves it ([`index_page`]).
+    index_page: String,
 }
 
 /// Holds one of the node's `max_connections` slots (and of its address's
@@ -214,6 +216,7 @@ pub async fn run(
     let ticks = config
         .ticks_enabled()
         .then(|| ticker::spawn(&config, &node_name, bus.clone(), background.clone()));
+    let index_page = index_page(&config);
     let node = Arc::new(Node {
         node_name,
         config,
@@ -227,6 +230,7 @@ pub async fn run(
         connections: AtomicUsize::new(0),
         per_ip: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
         next_session: AtomicU64::new(1),
+        index_page,
     });
     tracing::info!(
         node = %node.node_name,
@@ -388,10 +392,24 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         .into_response()
 }
 
-async fn index() -> Response {
+/// The demo page, told which bus the node runs, so that its hints suggest only commands that
+/// can work against it (nothing outside a memory-bus node can publish to it).
+fn index_page(config: &Config) -> String {
+    let page = include_str!("../assets/index.html");
+    match config.redis.url {
+        Some(_) => page.to_owned(),
+        None => page.replacen(
+            r#"<body data-bus="redis">"#,
+            r#"<body data-bus="memory">"#,
+            1,
+        ),
+    }
+}
+
+async fn index(State(node): State<Arc<Node>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        include_str!("../assets/index.html"),
+        node.index_page.clone(),
     )
         .into_response()
 }

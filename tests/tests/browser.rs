@@ -163,6 +163,9 @@ return {
   })),
   logs: [...q("logs").querySelectorAll(".line")].map((s) => s.textContent),
   notice: text("notice"),
+  // innerText: only what is shown (the hints for the other kind of bus are hidden).
+  alerts_hint: q("alerts-hint")?.innerText ?? null,
+  logs_hint: q("logs-hint")?.innerText ?? null,
   api: demo ? { state: demo.state(), node: demo.node(), room: demo.room(), received: demo.received() } : null,
   transitions: window.__transitions ?? [],
 };
@@ -449,6 +452,15 @@ async fn the_page_connects_and_its_clock_advances() {
 
     let snap = browser.wait_open_on(&node.name).await;
     assert_eq!(snap["api"]["state"], "open");
+    // A node with Redis: the hints name commands that work from a checkout.
+    let hint = snap["alerts_hint"].as_str().unwrap();
+    assert!(
+        hint.contains(r#"cargo run -p publisher -- alert --level warning "Disk 90% full""#),
+        "{hint:?}"
+    );
+    assert!(!hint.contains("without Redis"), "{hint:?}");
+    let hint = snap["logs_hint"].as_str().unwrap();
+    assert!(hint.contains("cargo run -p publisher -- tail "), "{hint:?}");
 
     let first = clock_after(&browser, None).await;
     let (t1, seq1) = (
@@ -873,4 +885,25 @@ async fn with_default_origins_a_page_from_one_local_node_fails_over_to_the_other
             alerts_titled(s, "Still here").first().cloned().cloned()
         })
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_node_without_redis_the_page_ticks_and_suggests_no_command_that_cannot_work() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    // `cargo run -p gateway` alone: the memory bus, and the node ticks itself.
+    let node = tests::GatewayNode::start("gw-memory", &[]).await;
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser("memory-bus").await;
+    browser.open(&page_url(node.port, "")).await;
+    let snap = browser.wait_open_on(&node.name).await;
+    for key in ["alerts_hint", "logs_hint"] {
+        let hint = snap[key].as_str().unwrap();
+        assert!(hint.contains("without Redis"), "{key}: {hint:?}");
+        assert!(
+            !hint.contains("Try") && !hint.contains("docker compose"),
+            "{key}: no command to run against this node: {hint:?}"
+        );
+    }
+    let first = clock_after(&browser, None).await;
+    clock_after(&browser, clock_iso(&first).as_deref()).await;
 }
