@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite;
 use crate::auth::{self, Grant, Permissions};
 use crate::bus::{BusError, History};
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
-use crate::metrics::reason;
+use crate::metrics::{frame_type, reason};
 use crate::outbox::{signal, Frame, Outbox};
 use crate::protocol::{self, close, ClientFrame, Offset};
 use crate::server::Node;
@@ -552,7 +552,7 @@ impl Session {
         let frame = match protocol::parse_client_frame(text) {
             Ok(frame) => frame,
             Err(e) => {
-                frames.with_label_values(&["invalid"]).inc();
+                frames.with_label_values(&[frame_type::INVALID]).inc();
                 self.charge()?;
                 let reply = protocol::error_frame(
                     e.code(),
@@ -565,23 +565,23 @@ impl Session {
         };
         let reply = match frame {
             ClientFrame::Subscribe { channel, id, since } => {
-                frames.with_label_values(&["subscribe"]).inc();
+                frames.with_label_values(&[frame_type::SUBSCRIBE]).inc();
                 return self.on_subscribe(ws, channel, id, since).await;
             }
             ClientFrame::Unsubscribe { channel, id } => {
-                frames.with_label_values(&["unsubscribe"]).inc();
+                frames.with_label_values(&[frame_type::UNSUBSCRIBE]).inc();
                 self.on_unsubscribe(&channel, id)
             }
             ClientFrame::Publish { channel, data, id } => {
-                frames.with_label_values(&["publish"]).inc();
+                frames.with_label_values(&[frame_type::PUBLISH]).inc();
                 self.on_publish(&channel, data, id).await?
             }
             ClientFrame::Ping { id } => {
-                frames.with_label_values(&["ping"]).inc();
+                frames.with_label_values(&[frame_type::PING]).inc();
                 Some(protocol::pong_frame(id))
             }
             ClientFrame::Refresh { token, id } => {
-                frames.with_label_values(&["refresh"]).inc();
+                frames.with_label_values(&[frame_type::REFRESH]).inc();
                 Some(self.on_refresh(&token, id)?)
             }
         };

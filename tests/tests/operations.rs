@@ -25,6 +25,17 @@ async fn metrics_parse_and_count_what_happened() {
     ] {
         assert!(before.has(name), "missing metric {name}");
     }
+    // Labelled counters show every known label value from the start, at zero.
+    for series in [
+        r#"gateway_client_frames_total{type="subscribe"}"#,
+        r#"gateway_client_frames_total{type="publish"}"#,
+        r#"gateway_client_frames_total{type="invalid"}"#,
+        r#"gateway_disconnects_total{reason="rate_limited"}"#,
+        r#"gateway_disconnects_total{reason="bad_request"}"#,
+        r#"gateway_messages_dropped_total{reason="slow_consumer"}"#,
+    ] {
+        assert_eq!(before.series.get(series), Some(&0.0), "{series}");
+    }
 
     let (mut a, _) = WsClient::connect_welcomed(&node.ws_url("channels=m1,m2")).await;
     let (mut b, _) = WsClient::connect_welcomed(&node.ws_url("channels=m1")).await;
