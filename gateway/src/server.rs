@@ -237,6 +237,7 @@ pub async fn run(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         bus = if node.config.redis.url.is_some() { "redis" } else { "memory" },
+        redis = %node.config.redis.url.as_deref().map_or_else(|| "none".into(), crate::config::redact_url),
         auth = node.verifier.is_some(),
         "gateway serving"
     );

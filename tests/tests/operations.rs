@@ -1,7 +1,9 @@
 //! What operators see: metrics, health, HTTP errors, configuration errors.
 
 use serde_json::{json, Value};
-use tests::{http_exchange, http_get, http_request, run_gateway_to_exit, Cluster, WsClient};
+use tests::{
+    free_port, http_exchange, http_get, http_request, run_gateway_to_exit, Cluster, WsClient,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_count_what_happened() {
@@ -231,6 +233,57 @@ async fn client_js_is_served_with_cors_for_the_origins_and_revalidated_by_etag()
     .await
     .unwrap();
     assert_eq!(stale.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_are_plain_text_and_name_redis_without_its_password() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    // A Redis that is not there, with a password in its URL.
+    let (port, admin, redis) = (free_port(), free_port(), free_port());
+    let mut child = tokio::process::Command::new(tests::bin_path("gateway-node"))
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .env("GATEWAY__LISTEN", format!("127.0.0.1:{port}"))
+        .env("GATEWAY__ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env(
+            "GATEWAY__REDIS__URL",
+            format!("redis://:hunter2@127.0.0.1:{redis}"),
+        )
+        .env("GATEWAY__REDIS__BACKOFF_MAX_MS", "200")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn gateway-node");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let read = async {
+        // The start-up line, then the first failed connection to Redis.
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            seen.push(line);
+            if seen.iter().any(|l| l.contains("gateway serving"))
+                && seen.iter().any(|l| l.contains("redis pub/sub connect"))
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(tests::TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| panic!("no start-up and connect lines; stderr: {seen:#?}"));
+    let log = seen.join("\n");
+    assert!(
+        !log.contains('\x1b'),
+        "no ANSI colour codes in a pipe: {log:?}"
+    );
+    assert!(
+        !log.contains("hunter2"),
+        "the password is never logged: {log}"
+    );
+    let serving = seen.iter().find(|l| l.contains("gateway serving")).unwrap();
+    assert!(
+        serving.contains(&format!("redis=redis://***@127.0.0.1:{redis}")),
+        "the start-up line names the Redis: {serving}"
+    );
 }
 
 #[test]
