@@ -11,14 +11,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol;
 
-/// Keys whose environment values are split on commas (and only these, so that secrets may
-/// contain commas: `auth.secret` is not one of them). Items are trimmed; empty ones dropped.
+/// Keys whose environment values are lists (and only these, so that `auth.secret` and every
+/// other value may contain commas): comma-separated, or a JSON array ([`env_list`]).
 const LIST_KEYS: &[&str] = &[
     "origins",
     "client_publish",
     "default_channels",
     "auth.secrets",
 ];
+
+/// A list key's environment value: a JSON array of strings when it starts with `[` (so that
+/// items may contain commas: any secret `auth.secret` accepts can be an `auth.secrets` item),
+/// else comma-separated items, trimmed, empty ones dropped.
+fn env_list(key: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
+    if value.trim_start().starts_with('[') {
+        return serde_json::from_str(value).map_err(|e| {
+            invalid(
+                key,
+                format!("a value starting with `[` must be a JSON array of strings ({e})"),
+            )
+        });
+    }
+    Ok(value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
 
 /// Shortest HS256 secret accepted: RFC 7518 §3.2 requires a key at least as long as the hash.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -267,13 +287,7 @@ impl Config {
         for key in LIST_KEYS {
             let var = format!("GATEWAY__{}", key.replace('.', "__").to_uppercase());
             if let Some(value) = vars.get(&var).filter(|v| !v.is_empty()) {
-                let items: Vec<String> = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|item| !item.is_empty())
-                    .map(str::to_owned)
-                    .collect();
-                builder = builder.set_override(*key, items)?;
+                builder = builder.set_override(*key, env_list(key, value)?)?;
             }
         }
         for (key, value) in overrides {
@@ -572,6 +586,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("auth.public_key_file"), "{e}");
+    }
+
+    #[test]
+    fn list_keys_take_json_arrays_from_the_environment() {
+        let old = "old,secret,with,commas-and-32-bytes-or-more";
+        let c = Config::load_from_env(
+            None,
+            &[],
+            env(&[
+                (
+                    "GATEWAY__AUTH__SECRETS",
+                    &format!(r#"["{old}", " spaced-secret-of-at-least-32-bytes "]"#),
+                ),
+                ("GATEWAY__ORIGINS", r#"["https://a.example.com"]"#),
+            ]),
+        )
+        .unwrap();
+        let secrets: Vec<&str> = c.auth.secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, [old, " spaced-secret-of-at-least-32-bytes "]);
+        assert_eq!(c.origins, ["https://a.example.com"]);
+        let e = Config::load_from_env(
+            None,
+            &[],
+            env(&[("GATEWAY__AUTH__SECRETS", r#"["unterminated"#)]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("auth.secrets"), "{e}");
+        assert!(
+            !e.to_string().contains("unterminated"),
+            "no secret in the message: {e}"
+        );
     }
 
     #[test]

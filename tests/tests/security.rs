@@ -178,6 +178,38 @@ async fn connections_without_a_valid_token_are_closed_4401_before_anything() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_works_for_secrets_with_commas_given_as_a_json_array() {
+    // SECRET has commas and is the current `auth.secret`; after a rotation it is an old one,
+    // kept in `auth.secrets` next to another, which a comma-separated list could not hold.
+    let newest = "the-newest-secret-0123456789abcdef0123";
+    let secrets = serde_json::to_string(&[SECRET, OLD_SECRET]).unwrap();
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env("GATEWAY__AUTH__SECRET", newest)
+        .env("GATEWAY__AUTH__SECRETS", &secrets)
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    let hour = now() + 3600;
+    for (secret, sub) in [(newest, "new"), (SECRET, "commas"), (OLD_SECRET, "old")] {
+        let token = sign(secret, Algorithm::HS256, json!({"sub": sub, "exp": hour}));
+        let (_c, welcome) =
+            WsClient::connect_welcomed(&node.ws_url(&format!("token={token}"))).await;
+        assert_eq!(welcome["client_id"], sub);
+    }
+    // A piece of the comma secret is not a secret of its own.
+    let piece = sign(
+        "test-secret",
+        Algorithm::HS256,
+        json!({"sub": "x", "exp": hour}),
+    );
+    match first(&node.ws_url(&format!("token={piece}")), &[]).await {
+        Received::Closed(code) => assert_eq!(code, Some(4401)),
+        Received::Frame(f) => panic!("a piece of a secret verified: {f}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_claims_limit_subscriptions_and_publishes() {
     let cluster = auth_cluster(&[]).await;
     let node = &cluster.nodes[0];
