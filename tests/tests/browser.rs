@@ -153,7 +153,8 @@ return {
     level: li.dataset.level,
     level_text: li.querySelector(".level")?.textContent ?? null,
     title: li.querySelector(".alert-title")?.textContent ?? null,
-    text: li.querySelector("p")?.textContent ?? null,
+    text: li.querySelector("p:not(.alert-hint)")?.textContent ?? null,
+    hint: li.querySelector(".alert-hint")?.textContent ?? null,
     all: li.textContent,
   })),
   chat: [...document.querySelectorAll('[data-testid="chat-item"]')].map((li) => ({
@@ -523,21 +524,51 @@ async fn an_alert_from_redis_cli_appears_with_its_level() {
         "alert item text: {all:?}"
     );
 
-    // An unknown level falls back to info; a plain string is shown as the text.
+    assert_eq!(
+        alert["hint"],
+        Value::Null,
+        "a well-formed alert has no hint: {alert}"
+    );
+
+    // Malformed alerts are shown, marked as such with what is wrong, never as info: a plain
+    // string (shown as the text), an unknown level, a missing one.
     cluster.redis.cli(&["PUBLISH", "alerts", "plain words"]);
-    let plain = browser
-        .wait_for("the plain alert", |s| {
-            s["alerts"]
-                .as_array()?
-                .iter()
-                .find(|a| a["text"] == "plain words")
-                .cloned()
+    cluster.redis.cli(&[
+        "PUBLISH",
+        "alerts",
+        r#"{"level":"fatal","text":"unknown level"}"#,
+    ]);
+    cluster
+        .redis
+        .cli(&["PUBLISH", "alerts", r#"{"text":"no level at all"}"#]);
+    let find = |snap: &Value, text: &str| -> Option<Value> {
+        snap["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["text"] == text)
+            .cloned()
+    };
+    let snap = browser
+        .wait_for("the malformed alerts", |s| {
+            (s["alerts"].as_array()?.len() == 4).then(|| s.clone())
         })
         .await;
-    assert_eq!(plain["level"], "info");
+    for (text, badge, problem) in [
+        ("plain words", "unknown", "not a JSON object"),
+        ("unknown level", "fatal", "unknown level \"fatal\""),
+        ("no level at all", "unknown", "no level"),
+    ] {
+        let a = find(&snap, text).unwrap_or_else(|| panic!("{text} is shown: {snap:#}"));
+        assert_eq!(a["level"], "unknown", "{a}");
+        assert_eq!(a["level_text"], badge, "{a}");
+        let hint = a["hint"].as_str().unwrap_or_default();
+        assert!(
+            hint.contains(problem) && hint.contains("info, warning or critical"),
+            "{text}: {hint:?}"
+        );
+    }
     // Newest first; the first alert is still there, once.
-    let snap = browser.snapshot().await;
-    assert_eq!(snap["alerts"][0]["text"], "plain words");
+    assert_eq!(snap["alerts"][0]["text"], "no level at all");
     assert_eq!(alerts_titled(&snap, "Fire").len(), 1);
 }
 
