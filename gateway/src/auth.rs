@@ -135,7 +135,7 @@ impl Verifier {
                         ErrorKind::MissingRequiredClaim(c) => {
                             AuthError::Invalid(format!("missing claim `{c}`"))
                         }
-                        _ => AuthError::Invalid(e.to_string()),
+                        kind => AuthError::Invalid(describe(kind)),
                     };
                     // Anything but a signature or algorithm mismatch is the token's fault,
                     // whichever key is tried.
@@ -151,6 +151,27 @@ impl Verifier {
             last = AuthError::Invalid("not a JWT".into());
         }
         Err(last)
+    }
+}
+
+/// Why a token was refused, in the words of the close reason (`bad token: …`): the library's
+/// own error texts are type names (`InvalidToken`) or parser internals.
+fn describe(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            "not a JWT (header.claims.signature, base64url)".into()
+        }
+        ErrorKind::Json(_) => "its header or claims are not the expected JSON".into(),
+        ErrorKind::InvalidClaimFormat(c) => format!("claim `{c}` has the wrong type"),
+        ErrorKind::ImmatureSignature => "not valid yet (`nbf` is in the future)".into(),
+        ErrorKind::InvalidIssuer => "issuer (`iss`) not accepted".into(),
+        ErrorKind::InvalidAudience => "audience (`aud`) not accepted".into(),
+        ErrorKind::InvalidSubject => "subject (`sub`) not accepted".into(),
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::MissingAlgorithm => "its algorithm is not accepted".into(),
+        _ => "it cannot be verified with the configured keys".into(),
     }
 }
 

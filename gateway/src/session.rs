@@ -211,7 +211,7 @@ async fn finish(mut ws: WebSocket, end: End, metrics: crate::metrics::Metrics) {
         End::Close(code, why) => {
             tracing::debug!(code, reason = why, "closing session");
             metrics.disconnects.with_label_values(&[why]).inc();
-            let _ = timeout(CLOSE_TIMEOUT, close_socket(&mut ws, code, why)).await;
+            let _ = timeout(CLOSE_TIMEOUT, close_socket(&mut ws, code, close_text(why))).await;
         }
         End::Gone(why) => {
             tracing::debug!(reason = why, "session ended");
@@ -219,6 +219,26 @@ async fn finish(mut ws: WebSocket, end: End, metrics: crate::metrics::Metrics) {
             // Flush a close reply tungstenite may have queued for the client's close frame.
             let _ = timeout(Duration::from_secs(1), ws.flush()).await;
         }
+    }
+}
+
+/// The close frame's reason for a session ended for `why` (a `gateway_disconnects_total`
+/// reason): what happened, in words, like the reasons of refused connections ("token
+/// expired", "origin … is not allowed"), not the metric's label.
+fn close_text(why: &'static str) -> &'static str {
+    match why {
+        reason::SHUTDOWN => "node is draining",
+        reason::SLOW_CONSUMER => "slow consumer: the outbound queue overflowed",
+        reason::HEARTBEAT_TIMEOUT => "no pong within the heartbeat timeout",
+        reason::RATE_LIMITED => "kept publishing past the rate limit",
+        reason::MESSAGE_TOO_BIG => "message larger than limits.max_message_bytes",
+        reason::PROTOCOL_ERROR => "websocket protocol error",
+        reason::BINARY_FRAME => "binary frames are not part of this protocol",
+        reason::INVALID_UTF8 => "text frame is not valid UTF-8",
+        reason::MAX_CONNECTIONS => "node is at limits.max_connections",
+        reason::MAX_CONNECTIONS_PER_IP => "too many connections from this address",
+        reason::TOKEN_EXPIRED => "token expired",
+        other => other,
     }
 }
 
