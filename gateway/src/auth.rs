@@ -1,4 +1,4 @@
-//! Client authentication (SPEC §2, §6): JWTs signed with HS256 (`auth.secret`, plus
+//! Client authentication (docs/REFERENCE.md §2, §6): JWTs signed with HS256 (`auth.secret`, plus
 //! `auth.secrets` for rotation) or RS256/ES256 (`auth.public_key_file`), carried in `?token=` or
 //! `Authorization: Bearer`.
 //!

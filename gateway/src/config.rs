@@ -1,6 +1,6 @@
 //! The gateway's configuration: one typed struct loaded by the `config` crate from defaults,
 //! then an optional TOML file, then `GATEWAY__…` environment variables, then command-line
-//! overrides; validated completely before anything binds (SPEC §4).
+//! overrides; validated completely before anything binds (docs/REFERENCE.md §4).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -90,7 +90,7 @@ pub struct Config {
     pub drain_timeout_ms: u64,
 }
 
-/// Recovery from the publisher's per-channel streams (SPEC §5); Redis bus only.
+/// Recovery from the publisher's per-channel streams (docs/REFERENCE.md §5); Redis bus only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
@@ -511,7 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_match_the_spec() {
+    fn defaults_match_the_reference() {
         let c = Config::load_from_env(None, &[], env(&[])).unwrap();
         assert_eq!(c.listen, "0.0.0.0:8080");
         assert_eq!(c.admin_listen, "0.0.0.0:9091");

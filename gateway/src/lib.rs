@@ -1,8 +1,8 @@
 //! A horizontally scalable WebSocket push gateway node.
 //!
 //! Clients connect over WebSocket and subscribe to channels; producers publish to Redis; every
-//! node delivers every message to its own local subscribers. The contract is SPEC.md; the
-//! bird's-eye view is ARCHITECTURE.md.
+//! node delivers every message to its own local subscribers. The contract is
+//! docs/REFERENCE.md; the bird's-eye view is ARCHITECTURE.md.
 //!
 //! # Layout
 //!

@@ -1,6 +1,6 @@
-//! The node's Prometheus metrics (names from SPEC §4) in one registry owned by the node, plus
-//! the standard `process_*` collector. Labels are small fixed sets: never a channel name or a
-//! client id.
+//! The node's Prometheus metrics (names from docs/REFERENCE.md §4) in one registry owned by the
+//! node, plus the standard `process_*` collector. Labels are small fixed sets: never a channel name
+//! or a client id.
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,

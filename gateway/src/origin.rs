@@ -1,4 +1,4 @@
-//! The Origin allowlist for browser clients (SPEC §6), used for WebSocket
+//! The Origin allowlist for browser clients (docs/REFERENCE.md §6), used for WebSocket
 //! upgrades (refused: 4403) and for the CORS header of `/client.js`. A request without an
 //! `Origin` header is a non-browser client and is not subject to it.
 

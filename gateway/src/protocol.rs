@@ -1,5 +1,6 @@
-//! The client protocol (SPEC §2): frames clients send, frames the server sends, close codes,
-//! channel-name rules and channel patterns. Pure functions only: nothing here touches a socket.
+//! The client protocol (docs/REFERENCE.md §2): frames clients send, frames the server sends, close
+//! codes, channel-name rules and channel patterns. Pure functions only: nothing here touches a
+//! socket.
 //!
 //! Server frames are written by hand into strings rather than through `serde_json::to_string`
 //! on a struct, because the message frame is built once per published message and embeds the
@@ -9,7 +10,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// Longest channel name accepted (SPEC §2).
+/// Longest channel name accepted (docs/REFERENCE.md §2).
 pub const MAX_CHANNEL_LEN: usize = 128;
 
 /// Prefix of every client's personal channel.
@@ -17,7 +18,7 @@ pub const PERSONAL_PREFIX: &str = "user:";
 
 // === close codes ===
 
-/// WebSocket close codes the gateway uses (SPEC §2 table).
+/// WebSocket close codes the gateway uses (docs/REFERENCE.md §2 table).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
@@ -102,8 +103,9 @@ pub fn any_matches(patterns: &[String], name: &str) -> bool {
 
 // === history offsets ===
 
-/// A position in a channel's history (SPEC §5): `<epoch>:<ms>-<seq>`, where `<ms>-<seq>` is
-/// the Redis stream id and the epoch names the stream's incarnation. Opaque to clients.
+/// A position in a channel's history (docs/REFERENCE.md §5): `<epoch>:<ms>-<seq>`, where
+/// `<ms>-<seq>` is the Redis stream id and the epoch names the stream's incarnation. Opaque to
+/// clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offset {
     pub epoch: String,
@@ -159,9 +161,9 @@ pub fn parse_since_param(param: &str) -> Vec<Result<(String, Offset), String>> {
         .collect()
 }
 
-/// The Redis stream holding `channel`'s history (SPEC §5), before the configured prefix; its
-/// epoch lives at this key plus `:epoch`. The braces make the channel the Redis Cluster hash
-/// tag of both keys. The one definition of the layout: the publisher writes what the gateway
+/// The Redis stream holding `channel`'s history (docs/REFERENCE.md §5), before the configured
+/// prefix; its epoch lives at this key plus `:epoch`. The braces make the channel the Redis Cluster
+/// hash tag of both keys. The one definition of the layout: the publisher writes what the gateway
 /// reads.
 pub fn history_key(channel: &str) -> String {
     format!("history:{{{channel}}}")

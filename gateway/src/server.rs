@@ -469,7 +469,8 @@ async fn client_js(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respons
     response
 }
 
-/// Query parameters of `/ws` (SPEC §2). `Id` is the seed page's spelling of `client_id`.
+/// Query parameters of `/ws` (docs/REFERENCE.md §2). `Id` is the seed page's spelling of
+/// `client_id`.
 #[derive(Debug, Deserialize)]
 struct WsQuery {
     channels: Option<String>,

@@ -1,6 +1,6 @@
-//! The publisher: the producer side of the push gateway (SPEC §3). It emits ticks while it
-//! holds a Redis lease, takes alerts and publish requests over HTTP and the command line, and
-//! tails log files onto channels. Everything it sends goes through [`publish::Publisher`].
+//! The publisher: the producer side of the push gateway (docs/REFERENCE.md §3). It emits ticks
+//! while it holds a Redis lease, takes alerts and publish requests over HTTP and the command line,
+//! and tails log files onto channels. Everything it sends goes through [`publish::Publisher`].
 //!
 //! # Layout
 //!

@@ -100,7 +100,8 @@ impl Subscriber {
             while let Some(message) = messages.next().await {
                 let channel = message.get_channel_name().to_owned();
                 let payload = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
-                // The publisher's envelope (SPEC §5): NUL, the offset, a newline, the payload.
+                // The publisher's envelope (docs/REFERENCE.md §5): NUL, the offset, a newline, the
+                // payload.
                 let payload = match payload.strip_prefix('\0').and_then(|e| e.split_once('\n')) {
                     Some((offset, payload)) if offset.contains(':') => payload.to_owned(),
                     _ => panic!("publisher message without an offset envelope: {payload:?}"),
