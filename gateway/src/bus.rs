@@ -4,8 +4,8 @@
 //! no `redis.url` is configured) and [`redis`] (one pub/sub connection per node multiplexing
 //! every channel a local session wants, plus a command pool for publishes and history reads).
 //! The bus knows channels and payloads, never sockets; messages it receives go to the [`Hub`].
-//! Publisher messages arrive in an envelope carrying their history offset (SPEC §5; see
-//! `redis.rs`); the memory bus has no history.
+//! Publisher messages arrive in an envelope carrying their history offset (README "History and
+//! recovery"; see `redis/mod.rs`); the memory bus has no history.
 
 pub mod memory;
 pub mod redis;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::protocol::Offset;
 
 /// Why a publish failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,14 +29,21 @@ pub enum BusError {
     Timeout,
 }
 
-/// What a channel's history holds after an offset (SPEC §5).
+/// What a channel's history holds after an offset (README "History and recovery").
 #[derive(Debug)]
 pub enum History {
     /// Everything published after the offset, oldest first: `(offset, payload)`.
     Replay(Vec<(String, Vec<u8>)>),
     /// The offset cannot be resumed from: why, for the `history_gone` error frame.
-    Gone(&'static str),
+    Gone(String),
 }
+
+/// A channel became live on this node: whatever is published from now on reaches its
+/// sessions. Carries the node's position in the channel's history when it was caught up
+/// first: messages at or before it that sessions find queued were published before they
+/// were told `subscribed`.
+#[derive(Debug)]
+pub struct Live(pub Option<Offset>);
 
 /// A cheap-to-clone handle on the node's bus.
 #[derive(Clone)]
@@ -65,13 +73,21 @@ impl Bus {
         }
     }
 
-    /// The hub has its first local subscriber for `channel`. The returned receiver completes
-    /// once the node receives the channel's messages (an error means "as soon as Redis is
-    /// back"); `None` when that is already the case.
-    pub fn want(&self, channel: &str) -> Option<oneshot::Receiver<()>> {
+    /// The hub has its first local subscriber for `channel`: the node must receive it.
+    pub fn want(&self, channel: &str) {
+        match self {
+            Bus::Memory(_) => {}
+            Bus::Redis(bus) => bus.want(channel),
+        }
+    }
+
+    /// None when the node receives `channel`'s messages; otherwise a receiver that completes
+    /// when it does (after a Redis outage, only once the channel has been caught up). A session
+    /// is told `subscribed` only then.
+    pub fn live(&self, channel: &str) -> Option<oneshot::Receiver<Live>> {
         match self {
             Bus::Memory(_) => None,
-            Bus::Redis(bus) => Some(bus.want(channel)),
+            Bus::Redis(bus) => bus.live(channel),
         }
     }
 
@@ -94,28 +110,29 @@ impl Bus {
         }
     }
 
-    /// Whether messages can be recovered from history (SPEC §5): not with the memory bus,
+    /// Whether messages can be recovered from history: not with the memory bus,
     /// where `since` is therefore ignored.
     pub fn keeps_history(&self) -> bool {
         matches!(self, Bus::Redis(_))
     }
 
-    /// `channel`'s messages after `since`, at most `limit` of them (more = gone). The memory
-    /// bus keeps none: nothing to replay.
+    /// `channel`'s messages after `since`: at most `limit` of them, within `budget` payload
+    /// bytes (more = gone). The memory bus keeps none: nothing to replay.
     pub async fn history(
         &self,
         channel: &str,
-        since: &crate::protocol::Offset,
+        since: &Offset,
         limit: usize,
+        budget: usize,
     ) -> Result<History, BusError> {
         match self {
             Bus::Memory(_) => Ok(History::Replay(Vec::new())),
-            Bus::Redis(bus) => bus.history(channel, since, limit).await,
+            Bus::Redis(bus) => bus.history(channel, since, limit, budget).await,
         }
     }
 
     /// Whether the node can do its job: the pub/sub connection is up and every wanted channel
-    /// is subscribed.
+    /// is live.
     pub fn is_ready(&self) -> bool {
         match self {
             Bus::Memory(_) => true,

@@ -162,6 +162,20 @@ impl Hub {
         }
         queued
     }
+
+    /// Queue a frame other than a message (e.g. a `history_gone` error) to every local
+    /// subscriber of `channel`, in order with its messages.
+    pub fn notify(&self, channel: &str, text: String) {
+        let shard = Self::read(self.shard(channel));
+        let Some(subs) = shard.get(channel) else {
+            return;
+        };
+        let frame = Frame::new(text, Instant::now());
+        for (_, outbox) in subs {
+            // An overflowing session is closing with 4000 anyway.
+            let _ = outbox.push(frame.clone());
+        }
+    }
 }
 
 #[cfg(test)]

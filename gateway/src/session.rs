@@ -20,7 +20,7 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite;
 
 use crate::auth::{self, Grant, Permissions};
-use crate::bus::{BusError, History};
+use crate::bus::{BusError, History, Live};
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
 use crate::metrics::{frame_type, reason};
 use crate::outbox::{signal, Frame, Outbox};
@@ -109,9 +109,46 @@ struct Session {
     /// The token's `channels` / `publish` claims; None when it carried neither (or auth is
     /// off), so an idle session pays one word for them.
     permissions: Option<Box<Permissions>>,
-    /// While live frames may duplicate a replay (SPEC §5): per recovered channel, the last
-    /// offset written from history. None (one word) for every session that is not recovering.
+    /// While live frames may duplicate a replay (README "History and recovery"): per recovered
+    /// channel, the last offset written from history. None (one word) for every session that
+    /// is not recovering.
     recovered: Option<Box<Watermarks>>,
+    /// Replies that wait for the bus: the welcome and `subscribed` are sent only once their
+    /// channels are live on this node. None (one word) for a session not waiting.
+    pending: Option<Box<Pending>>,
+}
+
+/// What a session waits for from the bus.
+#[derive(Default)]
+struct Pending {
+    /// The welcome, until every connect-time channel is live. While it waits the session
+    /// reads no client frame and writes no queued message, so the welcome comes first.
+    welcome: Option<Welcome>,
+    waits: Vec<Wait>,
+}
+
+/// The welcome frame and what follows it, held until the connect-time channels are live.
+struct Welcome {
+    joined: Vec<String>,
+    refused: Vec<(String, (&'static str, String))>,
+    since: Option<Box<str>>,
+}
+
+/// One channel not yet live on this node, and what to do when it is.
+struct Wait {
+    channel: Box<str>,
+    live: tokio::sync::oneshot::Receiver<Live>,
+    then: Then,
+}
+
+enum Then {
+    /// Part of the welcome.
+    Welcome,
+    /// Answer a `subscribe` (with its request id), then replay from `since` if given.
+    Subscribe {
+        id: Option<Box<RawValue>>,
+        since: Option<Offset>,
+    },
 }
 
 /// Boxed behind one pointer in [`Session`]; a Vec itself would cost three words.
@@ -192,6 +229,7 @@ async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
         exp,
         permissions,
         recovered: None,
+        pending: None,
         node,
     };
     tracing::debug!(session = %session.uuid, "session open");
@@ -262,7 +300,8 @@ async fn close_socket(ws: &mut WebSocket, code: u16, reason: &str) {
 
 impl Session {
     /// Connect-time subscriptions (the personal channel, then what the query named), then
-    /// the welcome frame and an error frame per refused channel.
+    /// the welcome frame and an error frame per refused channel: at once when every channel
+    /// is live on this node, otherwise once they are (the serve loop waits for them).
     async fn open(
         &mut self,
         ws: &mut WebSocket,
@@ -271,9 +310,8 @@ impl Session {
     ) -> Result<(), End> {
         // Subscriptions at connect: the personal channel, then what the query named.
         let mut refused = Vec::new();
-        let mut waits = Vec::new();
         let personal = self.personal.clone();
-        if let Err(e) = self.add_channel(&personal, &mut waits) {
+        if let Err(e) = self.add_channel(&personal) {
             refused.push((personal.clone(), e));
         }
         let defaults = requested.is_empty();
@@ -289,21 +327,56 @@ impl Session {
                 continue;
             }
             match self.check_subscribe(&channel) {
-                Ok(()) => match self.add_channel(&channel, &mut waits) {
-                    Ok(()) => joined.push(channel),
+                Ok(()) => match self.add_channel(&channel) {
+                    Ok(_) => joined.push(channel),
                     Err(e) => refused.push((channel, e)),
                 },
                 Err(e) => refused.push((channel, e)),
             }
         }
-        self.await_subscriptions(waits).await;
-        let welcome = protocol::welcome_frame(
+        let welcome = Welcome {
+            joined,
+            refused,
+            since,
+        };
+        let mut waits: Vec<Wait> = std::iter::once(personal)
+            .chain(welcome.joined.iter().cloned())
+            .filter_map(|channel| {
+                let live = self.node.bus.live(&channel)?;
+                Some(Wait {
+                    channel: channel.into(),
+                    live,
+                    then: Then::Welcome,
+                })
+            })
+            .collect();
+        if waits.is_empty() {
+            return self.welcome(ws, welcome).await;
+        }
+        tracing::debug!(waiting = waits.len(), "welcome waits for the bus");
+        waits.shrink_to_fit();
+        self.pending = Some(Box::new(Pending {
+            welcome: Some(welcome),
+            waits,
+        }));
+        Ok(())
+    }
+
+    /// Send the welcome, the refusals of connect-time channels, and the replays asked for
+    /// with `since`.
+    async fn welcome(&mut self, ws: &mut WebSocket, welcome: Welcome) -> Result<(), End> {
+        let Welcome {
+            joined,
+            refused,
+            since,
+        } = welcome;
+        let frame = protocol::welcome_frame(
             &self.uuid.to_string(),
             self.client_id(),
             &self.node.node_name,
             &joined,
         );
-        self.send(ws, welcome).await?;
+        self.send(ws, frame).await?;
         for (channel, (code, message)) in refused {
             let frame = protocol::error_frame(code, &message, Some(&channel), None);
             self.send(ws, frame).await?;
@@ -329,6 +402,77 @@ impl Session {
         Ok(())
     }
 
+    /// A channel this session waited for is live: answer what waited for it.
+    async fn on_live(
+        &mut self,
+        ws: &mut WebSocket,
+        (index, at): (usize, Option<Offset>),
+        batch: &mut VecDeque<Frame>,
+    ) -> Result<(), End> {
+        let Some(pending) = self.pending.as_deref_mut() else {
+            return Ok(());
+        };
+        let Wait { channel, then, .. } = pending.waits.swap_remove(index);
+        let welcome_done = matches!(then, Then::Welcome)
+            && !pending
+                .waits
+                .iter()
+                .any(|w| matches!(w.then, Then::Welcome));
+        let welcome = if welcome_done {
+            pending.welcome.take()
+        } else {
+            None
+        };
+        if pending.waits.is_empty() && pending.welcome.is_none() {
+            self.pending = None;
+        }
+        // Messages the node caught up before this session was told are not its own.
+        if let Some(at) = at {
+            self.watermark(&channel, at);
+        }
+        match then {
+            Then::Subscribe { id, since } => {
+                if !self.channels.contains(&channel) {
+                    // Unsubscribed meanwhile (and answered then).
+                    return Ok(());
+                }
+                let frame = protocol::ack_frame("subscribed", &channel, id.as_deref());
+                self.send(ws, frame).await?;
+                match since {
+                    Some(since) => self.recover(ws, &channel, since, id.as_deref()).await,
+                    None => Ok(()),
+                }
+            }
+            Then::Welcome => {
+                let Some(welcome) = welcome else {
+                    return Ok(());
+                };
+                self.last_seen = Instant::now();
+                self.welcome(ws, welcome).await?;
+                // Nothing queued was written while the welcome waited.
+                if !self.outbox.take(batch) {
+                    return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
+                }
+                self.write_batch(ws, batch).await
+            }
+        }
+    }
+
+    /// Whether the welcome has not been sent yet.
+    fn awaiting_welcome(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.welcome.is_some())
+    }
+
+    /// Drop queued live frames of `channel` at or before `offset` until the first newer one.
+    fn watermark(&mut self, channel: &str, offset: Offset) {
+        let watermarks = &mut self.recovered.get_or_insert_with(Default::default).0;
+        watermarks.retain(|w| &*w.channel != channel);
+        watermarks.push(Watermark {
+            channel: channel.into(),
+            offset,
+        });
+    }
+
     /// Replay `channel` after `since` (SPEC §5). The session is already subscribed in the
     /// hub, so live frames queue in its outbox meanwhile; they are written after the replay,
     /// minus those the replay already covered (see [`Watermark`]). An offset that cannot be
@@ -341,9 +485,12 @@ impl Session {
         id: Option<&RawValue>,
     ) -> Result<(), End> {
         let limit = self.node.config.history.max_replay;
-        let read = match self.node.bus.history(channel, &since, limit).await {
+        // The replay is held in memory until written: it counts against the session's
+        // bounded queue.
+        let budget = self.node.config.limits.send_queue_bytes;
+        let read = match self.node.bus.history(channel, &since, limit, budget).await {
             Ok(History::Replay(entries)) => Ok(entries),
-            Ok(History::Gone(why)) => Err(why.to_owned()),
+            Ok(History::Gone(why)) => Err(why),
             Err(e) => Err(format!("history could not be read: {e}")),
         };
         let entries = match read {
@@ -365,12 +512,7 @@ impl Session {
             ws.flush().await
         };
         self.guarded(write).await?;
-        let watermarks = &mut self.recovered.get_or_insert_with(Default::default).0;
-        watermarks.retain(|w| &*w.channel != channel);
-        watermarks.push(Watermark {
-            channel: channel.into(),
-            offset: last,
-        });
+        self.watermark(channel, last);
         Ok(())
     }
 
@@ -407,13 +549,25 @@ impl Session {
     async fn serve(&mut self, ws: &mut WebSocket) -> End {
         let mut batch: VecDeque<Frame> = VecDeque::new();
         loop {
+            let welcomed = !self.awaiting_welcome();
             tokio::select! {
+                // First: a channel that became live is answered before its queued messages.
+                biased;
+                live = next_live(&mut self.pending) => {
+                    if let Err(end) = Box::pin(self.on_live(ws, live, &mut batch)).await {
+                        return end;
+                    }
+                }
                 _ = self.outbox.ready() => {
                     let signals = self.outbox.take_signals();
                     if signals != 0 {
                         if let Err(end) = Box::pin(self.on_signals(ws, signals)).await {
                             return end;
                         }
+                    }
+                    if !welcomed {
+                        // Queued frames wait for the welcome (`on_live` writes them).
+                        continue;
                     }
                     if !self.outbox.take(&mut batch) {
                         return End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER);
@@ -422,7 +576,7 @@ impl Session {
                         return end;
                     }
                 }
-                msg = ws.recv() => {
+                msg = ws.recv(), if welcomed => {
                     let text = match self.on_message(msg) {
                         Ok(Some(text)) => text,
                         Ok(None) => continue,
@@ -443,7 +597,13 @@ impl Session {
             return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
         }
         if signals & signal::BEAT != 0 {
-            self.check_heartbeat()?;
+            if self.awaiting_welcome() {
+                // Client frames (pongs included) are not read until the welcome: only the
+                // token's expiry holds meanwhile.
+                self.check_expiry()?;
+            } else {
+                self.check_heartbeat()?;
+            }
             self.guarded(ws.send(Message::Ping(Default::default())))
                 .await?;
         }
@@ -471,16 +631,6 @@ impl Session {
         } else {
             Ok(())
         }
-    }
-
-    /// Wait (bounded) until the bus delivers every newly wanted channel, so that a client who
-    /// got `welcome` or `subscribed` receives everything published after it.
-    async fn await_subscriptions(&self, waits: Vec<tokio::sync::oneshot::Receiver<()>>) {
-        if waits.is_empty() {
-            return;
-        }
-        let limit = Duration::from_millis(self.node.config.redis.timeout_ms);
-        let _ = timeout(limit, futures_util::future::join_all(waits)).await;
     }
 
     /// Write one batch of queued frames: feed them all, flush once.
@@ -590,7 +740,10 @@ impl Session {
             }
             ClientFrame::Unsubscribe { channel, id } => {
                 frames.with_label_values(&[frame_type::UNSUBSCRIBE]).inc();
-                self.on_unsubscribe(&channel, id)
+                for reply in self.on_unsubscribe(&channel, id) {
+                    self.send(ws, reply).await?;
+                }
+                None
             }
             ClientFrame::Publish { channel, data, id } => {
                 frames.with_label_values(&[frame_type::PUBLISH]).inc();
@@ -687,15 +840,11 @@ impl Session {
         Ok(())
     }
 
-    /// Subscribe in the hub (and through the bus when first on this node); pushes the bus's
-    /// readiness receiver into `waits`.
-    fn add_channel(
-        &mut self,
-        channel: &str,
-        waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
-    ) -> Result<(), (&'static str, String)> {
+    /// Subscribe in the hub (and through the bus when first on this node). Ok(false) when
+    /// the session already had the channel.
+    fn add_channel(&mut self, channel: &str) -> Result<bool, (&'static str, String)> {
         if self.channels.iter().any(|c| &**c == channel) {
-            return Ok(());
+            return Ok(false);
         }
         let max = self.node.config.limits.max_subscriptions;
         // The personal channel does not count against the limit.
@@ -706,12 +855,10 @@ impl Session {
             ));
         }
         if self.node.hub.subscribe(channel, self.id, &self.outbox) == Subscribed::First {
-            if let Some(wait) = self.node.bus.want(channel) {
-                waits.push(wait);
-            }
+            self.node.bus.want(channel);
         }
         self.channels.push(channel.into());
-        Ok(())
+        Ok(true)
     }
 
     /// Subscribe, answer `subscribed` (or an error), then replay from `since` if given.
@@ -737,39 +884,76 @@ impl Session {
                 return self.send(ws, frame).await;
             }
         };
-        let mut waits = Vec::new();
-        let result = self
+        let added = self
             .check_subscribe(&channel)
-            .and_then(|()| self.add_channel(&channel, &mut waits));
-        match result {
-            Ok(()) => {
-                self.await_subscriptions(waits).await;
-                self.send(ws, protocol::ack_frame("subscribed", &channel, id))
-                    .await?;
-                match offset {
-                    Some(offset) => self.recover(ws, &channel, offset, id).await,
-                    None => Ok(()),
-                }
-            }
+            .and_then(|()| self.add_channel(&channel));
+        let added = match added {
+            Ok(added) => added,
             Err((code, message)) => {
                 let frame = protocol::error_frame(code, &message, Some(&channel), id);
-                self.send(ws, frame).await
+                return self.send(ws, frame).await;
             }
+        };
+        // Already subscribed: it is live (or will be), and what a replay would hold was
+        // already delivered.
+        let since = offset.filter(|_| added);
+        let Some(live) = self.node.bus.live(&channel) else {
+            self.send(ws, protocol::ack_frame("subscribed", &channel, id))
+                .await?;
+            return match since {
+                Some(since) => self.recover(ws, &channel, since, id).await,
+                None => Ok(()),
+            };
+        };
+        // Not live on this node yet (Redis unreachable, or being caught up): answer when it
+        // is, and serve the session meanwhile.
+        let pending = self.pending.get_or_insert_with(Default::default);
+        if pending.waits.len() > self.node.config.limits.max_subscriptions {
+            let message = "too many subscriptions waiting for the bus";
+            let frame =
+                protocol::error_frame("too_many_subscriptions", message, Some(&channel), id);
+            return self.send(ws, frame).await;
         }
+        pending.waits.push(Wait {
+            channel: channel.into(),
+            live,
+            then: Then::Subscribe {
+                id: id.map(ToOwned::to_owned),
+                since,
+            },
+        });
+        Ok(())
     }
 
-    fn on_unsubscribe(&mut self, channel: &str, id: Option<&RawValue>) -> Option<String> {
+    /// Leave `channel`; the replies, in order.
+    fn on_unsubscribe(&mut self, channel: &str, id: Option<&RawValue>) -> Vec<String> {
         if channel == self.personal {
-            return Some(protocol::error_frame(
+            return vec![protocol::error_frame(
                 "forbidden",
                 "the personal channel cannot be unsubscribed",
                 Some(channel),
                 id,
-            ));
+            )];
         }
         if let Some(i) = self.channels.iter().position(|c| &**c == channel) {
             self.channels.swap_remove(i);
             self.remove_from_hub(channel);
+        }
+        // A subscribe still waiting for the bus ends here: it is answered `unsubscribed`.
+        let mut replies = Vec::new();
+        if let Some(pending) = self.pending.as_deref_mut() {
+            pending.waits.retain_mut(|w| {
+                if &*w.channel != channel {
+                    return true;
+                }
+                if let Then::Subscribe { id, .. } = &w.then {
+                    replies.push(protocol::ack_frame("unsubscribed", channel, id.as_deref()));
+                }
+                false
+            });
+            if pending.waits.is_empty() && pending.welcome.is_none() {
+                self.pending = None;
+            }
         }
         if let Some(Watermarks(watermarks)) = self.recovered.as_deref_mut() {
             watermarks.retain(|w| &*w.channel != channel);
@@ -777,7 +961,8 @@ impl Session {
                 self.recovered = None;
             }
         }
-        Some(protocol::ack_frame("unsubscribed", channel, id))
+        replies.push(protocol::ack_frame("unsubscribed", channel, id));
+        replies
     }
 
     fn remove_from_hub(&self, channel: &str) {
@@ -854,6 +1039,25 @@ fn publish_failure(e: &BusError) -> &'static str {
             "the message bus (Redis) did not answer in time; the message may not have been published"
         }
     }
+}
+
+/// The first of the session's waits whose channel became live: its index and the node's
+/// position then. Never completes for a session that waits for nothing. Cancel-safe.
+fn next_live(
+    pending: &mut Option<Box<Pending>>,
+) -> impl Future<Output = (usize, Option<Offset>)> + '_ {
+    std::future::poll_fn(move |cx| {
+        let Some(pending) = pending.as_deref_mut() else {
+            return std::task::Poll::Pending;
+        };
+        for (i, wait) in pending.waits.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(live) = std::pin::Pin::new(&mut wait.live).poll(cx) {
+                // A dropped sender (the bus is shutting down) ends the wait too.
+                return std::task::Poll::Ready((i, live.ok().and_then(|Live(at)| at)));
+            }
+        }
+        std::task::Poll::Pending
+    })
 }
 
 /// Map a WebSocket read/write error to how the session ends.

@@ -201,6 +201,7 @@ async fn execute(command: Command, config: Config) -> Result<(), Failure> {
                 poll_interval: std::time::Duration::from_millis(config.tail.poll_interval_ms),
                 max_line_bytes: config.tail.max_line_bytes,
                 batch_lines: config.tail.batch_lines,
+                rotate_grace: std::time::Duration::from_millis(config.tail.rotate_grace_ms),
             };
             let publisher = one_shot_publisher(&config)?;
             let shutdown = CancellationToken::new();

@@ -129,6 +129,9 @@ pub struct TailConfig {
     pub max_line_bytes: usize,
     /// `tail.batch_lines` (500): the most lines sent to Redis in one round trip.
     pub batch_lines: usize,
+    /// `tail.rotate_grace_ms` (10000): after a rename rotation, how long the old file is
+    /// still read (an application may reopen its log late and write to the old file meanwhile).
+    pub rotate_grace_ms: u64,
 }
 
 /// A string that never appears in `Debug` output or logs (API keys, URLs with passwords).
@@ -238,6 +241,7 @@ impl Default for TailConfig {
             poll_interval_ms: 200,
             max_line_bytes: 64 * 1024,
             batch_lines: 500,
+            rotate_grace_ms: 10_000,
         }
     }
 }
@@ -338,6 +342,12 @@ impl Config {
             16 * 1024 * 1024,
         )?;
         in_range("tail.batch_lines", self.tail.batch_lines, 1, 100_000)?;
+        in_range(
+            "tail.rotate_grace_ms",
+            self.tail.rotate_grace_ms,
+            0,
+            3_600_000,
+        )?;
         in_range("history.max_len", self.history.max_len, 1, 10_000_000)?;
         in_range(
             "history.ttl_ms",

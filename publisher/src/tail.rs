@@ -11,7 +11,9 @@
 //! - **Rotation**: a file that shrinks below the read position was truncated (copytruncate):
 //!   reading restarts at 0. A path that names a different file (same device and inode no more:
 //!   rename and recreate) is reopened after the rest of the old file has been read, and the new
-//!   file is read from its start. While the path is missing, the old file is kept.
+//!   file is read from its start. The old file stays open for `tail.rotate_grace_ms` and what
+//!   is still written to it is published too (an application that reopens its log only on a
+//!   postrotate signal writes there meanwhile). While the path is missing, the old file is kept.
 //!   Known limit of polling: a truncated file that grows past the old position before the next
 //!   poll is not recognised as truncated.
 //! - **Redis trouble**: Redis must answer at start (else the command fails at once); later a
@@ -24,7 +26,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +49,8 @@ pub struct TailOptions {
     pub poll_interval: Duration,
     pub max_line_bytes: usize,
     pub batch_lines: usize,
+    /// How long a renamed-away file is still read.
+    pub rotate_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +85,14 @@ pub async fn run(
         |n| n.to_string_lossy().into_owned(),
     );
 
-    let (path, from_start, max_line) = (
+    let (path, from_start, max_line, grace) = (
         options.path.clone(),
         options.from_start,
         options.max_line_bytes,
+        options.rotate_grace,
     );
     let mut follower =
-        tokio::task::spawn_blocking(move || Follower::open(&path, from_start, max_line))
+        tokio::task::spawn_blocking(move || Follower::open(&path, from_start, max_line, grace))
             .await
             .expect("the file reader does not panic")
             .map_err(io_error)?;
@@ -212,10 +217,20 @@ struct Follower {
     partial: Vec<u8>,
     max_line: usize,
     lines: VecDeque<String>,
+    /// The file renamed away at the last rotation, still read until its grace ends.
+    old: Option<OldFile>,
+    grace: Duration,
+}
+
+/// A rotated-away file: its handle, its unfinished line, and until when it is read.
+struct OldFile {
+    file: File,
+    partial: Vec<u8>,
+    until: Instant,
 }
 
 impl Follower {
-    fn open(path: &Path, from_start: bool, max_line: usize) -> io::Result<Self> {
+    fn open(path: &Path, from_start: bool, max_line: usize, grace: Duration) -> io::Result<Self> {
         let mut file = File::open(path)?;
         let meta = file.metadata()?;
         let offset = if from_start { 0 } else { meta.len() };
@@ -228,11 +243,50 @@ impl Follower {
             partial: Vec::new(),
             max_line: max_line.max(4),
             lines: VecDeque::new(),
+            old: None,
+            grace,
         })
     }
 
-    /// Reads up to `limit` new bytes into lines; returns how many bytes it read.
+    /// Reads up to `limit` new bytes into lines (the rotated-away file's first, while it is
+    /// still read); returns how many bytes it read.
     fn read_some(&mut self, limit: usize) -> io::Result<usize> {
+        let from_old = self.read_old(limit)?;
+        Ok(from_old + self.read_current(limit - from_old.min(limit))?)
+    }
+
+    /// What was written to the rotated-away file since; it is closed (its unfinished line
+    /// published) once its grace is over.
+    fn read_old(&mut self, limit: usize) -> io::Result<usize> {
+        let Some(mut old) = self.old.take() else {
+            return Ok(0);
+        };
+        std::mem::swap(&mut self.file, &mut old.file);
+        std::mem::swap(&mut self.partial, &mut old.partial);
+        let offset = self.offset;
+        let expired = Instant::now() >= old.until;
+        // Past its grace it is read to its end (its last words), then closed.
+        let mut total = 0;
+        let read = loop {
+            match self.read_current(limit) {
+                Ok(n) if n > 0 && expired => total += n,
+                Ok(n) => break Ok(total + n),
+                Err(e) => break Err(e),
+            }
+        };
+        if expired && read.is_ok() {
+            self.flush_partial();
+        }
+        self.offset = offset;
+        std::mem::swap(&mut self.file, &mut old.file);
+        std::mem::swap(&mut self.partial, &mut old.partial);
+        if !(expired && read.is_ok()) {
+            self.old = Some(old);
+        }
+        read
+    }
+
+    fn read_current(&mut self, limit: usize) -> io::Result<usize> {
         let mut buf = vec![0; limit.min(64 * 1024)];
         let mut total = 0;
         while total < limit {
@@ -306,15 +360,26 @@ impl Follower {
         };
         if identity(&meta) != self.identity {
             // Whatever the writer added to the old file before switching comes first.
-            while self.read_some(READ_CHUNK)? > 0 {}
-            self.flush_partial();
+            while self.read_current(READ_CHUNK)? > 0 {}
             let file = match File::open(&self.path) {
                 Ok(file) => file,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
             self.identity = identity(&file.metadata()?);
-            self.file = file;
+            let old = std::mem::replace(&mut self.file, file);
+            // A file rotated away before this one's grace ended: it is done.
+            if let Some(older) = self.old.take() {
+                let partial = std::mem::replace(&mut self.partial, older.partial);
+                self.flush_partial();
+                self.partial = partial;
+            }
+            // Its unfinished last line may still be completed during the grace.
+            self.old = Some(OldFile {
+                file: old,
+                partial: std::mem::take(&mut self.partial),
+                until: Instant::now() + self.grace,
+            });
             self.offset = 0;
             return Ok(Some(Rotation::Replaced));
         }
@@ -388,13 +453,13 @@ mod tests {
         let dir = TempDir::new("end");
         let path = dir.0.join("app.log");
         append(&path, "old 1\nold 2\n");
-        let mut f = Follower::open(&path, false, 1024).unwrap();
+        let mut f = Follower::open(&path, false, 1024, Duration::ZERO).unwrap();
         assert!(drain(&mut f).is_empty());
         append(&path, "new 1\r\nnew ");
         assert_eq!(drain(&mut f), ["new 1"]);
         append(&path, "2\n");
         assert_eq!(drain(&mut f), ["new 2"]);
-        let mut f = Follower::open(&path, true, 1024).unwrap();
+        let mut f = Follower::open(&path, true, 1024, Duration::ZERO).unwrap();
         assert_eq!(drain(&mut f), ["old 1", "old 2", "new 1", "new 2"]);
     }
 
@@ -403,7 +468,7 @@ mod tests {
         let dir = TempDir::new("long");
         let path = dir.0.join("app.log");
         append(&path, "");
-        let mut f = Follower::open(&path, true, 8).unwrap();
+        let mut f = Follower::open(&path, true, 8, Duration::ZERO).unwrap();
         append(&path, "abcdefghij\naaaaaaaé\n12345678\n");
         assert_eq!(
             drain(&mut f),
@@ -416,7 +481,7 @@ mod tests {
         let dir = TempDir::new("rotate");
         let path = dir.0.join("app.log");
         append(&path, "one\ntwo\n");
-        let mut f = Follower::open(&path, true, 1024).unwrap();
+        let mut f = Follower::open(&path, true, 1024, Duration::ZERO).unwrap();
         assert_eq!(drain(&mut f), ["one", "two"]);
         assert_eq!(f.check_rotation().unwrap(), None);
 
@@ -435,5 +500,31 @@ mod tests {
         append(&path, "six\n");
         assert_eq!(f.check_rotation().unwrap(), Some(Rotation::Replaced));
         assert_eq!(drain(&mut f), ["four", "five", "six"]);
+    }
+
+    #[test]
+    fn lines_written_to_the_old_file_after_a_rename_are_published_during_the_grace() {
+        let dir = TempDir::new("grace");
+        let path = dir.0.join("app.log");
+        let rotated = dir.0.join("app.log.1");
+        append(&path, "one\n");
+        let mut f = Follower::open(&path, true, 1024, Duration::from_millis(300)).unwrap();
+        assert_eq!(drain(&mut f), ["one"]);
+        // logrotate `create`: rename, new empty file; the application still has the old one
+        // open and writes there until its postrotate signal.
+        append(&path, "two\nthr");
+        fs::rename(&path, &rotated).unwrap();
+        append(&path, "");
+        assert_eq!(f.check_rotation().unwrap(), Some(Rotation::Replaced));
+        append(&rotated, "ee\nlate\n");
+        append(&path, "new\n");
+        assert_eq!(drain(&mut f), ["two", "three", "late", "new"]);
+        append(&rotated, "unfinished");
+        std::thread::sleep(Duration::from_millis(350));
+        append(&path, "newer\n");
+        // Past the grace: the old file's last words, then it is closed.
+        assert_eq!(drain(&mut f), ["unfinished", "newer"]);
+        append(&rotated, "too late\n");
+        assert!(drain(&mut f).is_empty());
     }
 }

@@ -57,6 +57,26 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The workspace root (deployment files are read from there).
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A system program, looked up on PATH and in the sbin directories (nginx lives in
+/// /usr/sbin, which a non-root PATH may lack). Panics naming `install`, how to get it, when it
+/// is missing: a test that needs a program fails without it rather than skip.
+pub fn system_program(name: &str, install: &str) -> PathBuf {
+    let path = std::env::var("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not installed: {install} (.ci/run does)"))
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -103,29 +123,171 @@ impl Drop for TempDir {
     }
 }
 
-/// A real `redis-server` on a free port, no persistence, in its own temp dir.
+// === network namespaces ===
+
+/// A private network namespace joined to this one by a veth pair on its own /30, for faults
+/// that a closed socket or `CLIENT PAUSE` cannot show: [`NetNs::partition`] takes the far end
+/// of the link down, so packets are dropped silently (no RST, no error; the peer sees
+/// nothing), and [`NetNs::heal`] brings it back. Needs root; removed on drop.
+pub struct NetNs {
+    pub name: String,
+    /// This side's address and the namespace's, on the pair's /30.
+    pub host_ip: String,
+    pub ns_ip: String,
+    host_if: String,
+    ns_if: String,
+}
+
+impl NetNs {
+    /// Create the namespace and its link; Err (with what `ip` said) where that is not
+    /// permitted, e.g. without root.
+    pub fn create() -> Result<NetNs, String> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = std::process::id() % 100_000;
+        // 10.201.0.0/16 in /30s, picked by process and counter so parallel tests differ.
+        let block = (id * 7 + n * 13) % 16_384;
+        let base = block * 4;
+        let ip = |host: u32| format!("10.201.{}.{}", (base + host) / 256, (base + host) % 256);
+        let ns = NetNs {
+            name: format!("pgt{id}n{n}"),
+            host_ip: ip(1),
+            ns_ip: ip(2),
+            host_if: format!("pg{id}h{n}"),
+            ns_if: format!("pg{id}n{n}"),
+        };
+        let ip_cmd = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run ip ({e}); install iproute2"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        ip_cmd(&["netns", "add", &ns.name])?;
+        // From here on, drop removes whatever was made.
+        let host_cidr = format!("{}/30", ns.host_ip);
+        let ns_cidr = format!("{}/30", ns.ns_ip);
+        ip_cmd(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.ns_if,
+        ])?;
+        ip_cmd(&["link", "set", &ns.ns_if, "netns", &ns.name])?;
+        ip_cmd(&["addr", "add", &host_cidr, "dev", &ns.host_if])?;
+        ip_cmd(&["link", "set", &ns.host_if, "up"])?;
+        ip_cmd(&["-n", &ns.name, "addr", "add", &ns_cidr, "dev", &ns.ns_if])?;
+        ip_cmd(&["-n", &ns.name, "link", "set", &ns.ns_if, "up"])?;
+        ip_cmd(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `program` run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+
+    fn set_far_end(&self, state: &str) {
+        let status = Command::new("ip")
+            .args(["-n", &self.name, "link", "set", &self.ns_if, state])
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "ip link set {} {state}", self.ns_if);
+    }
+
+    /// Drop every packet on the link, silently.
+    pub fn partition(&self) {
+        self.set_far_end("down");
+    }
+
+    pub fn heal(&self) {
+        self.set_far_end("up");
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it this one.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// === redis ===
+
+/// A real `redis-server` on a free port, no persistence, in its own temp dir; optionally
+/// inside a [`NetNs`], reachable from here at the namespace's address.
 pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// The namespace's name and address, when it runs in one.
+    netns: Option<(String, String)>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// Start it inside `ns`, listening on the namespace's address (and its loopback).
+    pub fn start_in(ns: &NetNs) -> RedisServer {
+        Self::start_with(Some((ns.name.clone(), ns.ns_ip.clone())))
+    }
+
+    fn start_with(netns: Option<(String, String)>) -> RedisServer {
         let port = free_port();
         let dir = TempDir::new("redis");
         let mut server = RedisServer {
             port,
             dir,
             child: None,
+            netns,
         };
         server.spawn();
         server
     }
 
+    /// `program`, inside the server's namespace when it has one.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some((name, _)) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", name, program]);
+                command
+            }
+        }
+    }
+
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let bind = match &self.netns {
+            None => "127.0.0.1".to_owned(),
+            Some((_, ip)) => format!("127.0.0.1 {ip}"),
+        };
+        let child = self
+            .command("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", &bind])
+            .args(["--protected-mode", "no"])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -150,7 +312,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let host = self.netns.as_ref().map_or("127.0.0.1", |(_, ip)| ip);
+        format!("redis://{host}:{}", self.port)
     }
 
     /// Kill the server (SIGKILL: no goodbye to its clients).
@@ -168,7 +331,8 @@ impl RedisServer {
     }
 
     fn cli_try(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
+        let out = self
+            .command("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(args)
             .stderr(Stdio::null())
@@ -194,6 +358,17 @@ impl RedisServer {
             .nth(1)
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Cut the connections of `user` (see [`ClusterBuilder::redis_user`]) and refuse new
+    /// ones until [`RedisServer::let_in`]: an outage for those clients alone.
+    pub fn cut_off(&self, user: &str) {
+        self.cli(&["ACL", "SETUSER", user, "off"]);
+        self.cli(&["CLIENT", "KILL", "USER", user]);
+    }
+
+    pub fn let_in(&self, user: &str) {
+        self.cli(&["ACL", "SETUSER", user, "on"]);
     }
 
     /// An async connection for bulk commands.
@@ -226,9 +401,29 @@ impl GatewayNode {
     /// Start `gateway-node` with these environment variables (on top of the ports and name
     /// chosen here) and wait until `/healthz` answers.
     pub async fn start(name: &str, env: &[(String, String)]) -> GatewayNode {
+        Self::start_wrapped(name, env, &[]).await
+    }
+
+    /// As [`GatewayNode::start`], run through `wrapper` (a program and its arguments that
+    /// `exec`s the command after it, e.g. `["prlimit", "--nofile=512:4096", "--"]`), so that the
+    /// node's pid is still the gateway's.
+    pub async fn start_wrapped(
+        name: &str,
+        env: &[(String, String)],
+        wrapper: &[&str],
+    ) -> GatewayNode {
+        let gateway = bin_path("gateway-node");
         for _attempt in 0..3 {
             let (port, admin_port) = (free_port(), free_port());
-            let child = Command::new(bin_path("gateway-node"))
+            let mut command = match wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut command = Command::new(program);
+                    command.args(args).arg(&gateway);
+                    command
+                }
+                None => Command::new(&gateway),
+            };
+            let child = command
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env(
@@ -471,6 +666,7 @@ pub struct Cluster {
 pub struct ClusterBuilder {
     nodes: usize,
     env: Vec<(String, String)>,
+    redis_user: Option<String>,
 }
 
 impl ClusterBuilder {
@@ -485,10 +681,35 @@ impl ClusterBuilder {
         self
     }
 
+    /// The nodes log in to Redis as `user` (password = the name), so that a test can cut
+    /// them off from Redis ([`RedisServer::cut_off`]) while others go on publishing.
+    pub fn redis_user(mut self, user: &str) -> Self {
+        self.redis_user = Some(user.to_owned());
+        self
+    }
+
     /// Start redis and the nodes; returns once every node is ready (Redis connected).
     pub async fn start(self) -> Cluster {
         let redis = RedisServer::start();
-        let mut env = vec![("GATEWAY__REDIS__URL".to_owned(), redis.url())];
+        let url = match &self.redis_user {
+            None => redis.url(),
+            Some(user) => {
+                redis.cli(&[
+                    "ACL",
+                    "SETUSER",
+                    user,
+                    "on",
+                    &format!(">{user}"),
+                    "+@all",
+                    "~*",
+                    "&*",
+                ]);
+                redis
+                    .url()
+                    .replace("redis://", &format!("redis://{user}:{user}@"))
+            }
+        };
+        let mut env = vec![("GATEWAY__REDIS__URL".to_owned(), url)];
         env.extend(self.env);
         let mut nodes = Vec::new();
         for i in 0..self.nodes.max(1) {
@@ -1035,4 +1256,91 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(usize, u8, &[u8])> {
         n => (n as usize, 2),
     };
     (buf.len() >= head + len).then(|| (head + len, opcode, &buf[head..head + len]))
+}
+
+// === history ===
+
+/// `POST /publish {"channel","data":{"n":n}}` on the publisher at `port`; returns the offset.
+pub async fn publish(port: u16, channel: &str, n: u64) -> String {
+    let body = serde_json::json!({"channel": channel, "data": {"n": n}}).to_string();
+    let headers = [("Content-Type", "application/json")];
+    let (status, text) = http_request(port, "POST", "/publish", &headers, &body)
+        .await
+        .expect("publisher answers");
+    assert_eq!(status, 200, "publish {n}: {text}");
+    let reply: Value = serde_json::from_str(&text).expect("JSON reply");
+    reply["offset"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no offset in {reply}"))
+        .to_owned()
+}
+
+/// Publish `range` in order (one request each) from a task, as a producer would meanwhile.
+pub fn publish_in_background(
+    port: u16,
+    channel: &'static str,
+    range: std::ops::RangeInclusive<u64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for n in range {
+            publish(port, channel, n).await;
+        }
+    })
+}
+
+/// Read `channel`'s messages until `n == last`, asserting they are exactly `first..=last` in
+/// order, each with a strictly increasing offset; returns the last offset. Frames of other
+/// channels are skipped.
+pub async fn expect_sequence(
+    client: &mut WsClient,
+    channel: &str,
+    first: u64,
+    last: u64,
+) -> String {
+    let mut offset = String::new();
+    let mut prev_id: Option<(u64, u64)> = None;
+    for expected in first..=last {
+        let frame = client.until_message(channel).await;
+        assert_eq!(
+            frame["data"]["n"], expected,
+            "lost, duplicated or reordered: {frame}"
+        );
+        offset = frame["offset"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no offset: {frame}"))
+            .to_owned();
+        let id = stream_id(&offset);
+        assert!(
+            prev_id.is_none_or(|p| p < id),
+            "offsets not increasing at {frame}"
+        );
+        prev_id = Some(id);
+    }
+    offset
+}
+
+pub fn stream_id(offset: &str) -> (u64, u64) {
+    let (_, id) = offset.split_once(':').expect("epoch:id");
+    let (ms, seq) = id.split_once('-').expect("ms-seq");
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// Nothing more arrives on `channel` for a short while (no duplicates after the sequence).
+pub async fn expect_quiet(client: &mut WsClient, channel: &str) {
+    while let Some(received) = client.next_within(Duration::from_millis(300)).await {
+        match received {
+            Received::Frame(frame) if frame["channel"] == channel => {
+                panic!("unexpected frame after the sequence: {frame}")
+            }
+            Received::Frame(_) => {}
+            Received::Closed(code) => panic!("closed with {code:?}"),
+        }
+    }
+}
+
+/// The next frame that is not a message: it must be an error with `code`.
+pub async fn expect_error(client: &mut WsClient, code: &str) -> Value {
+    let frame = client.until_type("error").await;
+    assert_eq!(frame["code"], code, "{frame}");
+    frame
 }

@@ -11,15 +11,15 @@
 //! bounded by `tests::TIMEOUT`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use serde_yaml::Value as Yaml;
 use tests::{
-    eventually, free_port, http_get, http_request, Cluster, Metrics, PublisherNode, TempDir,
-    WsClient,
+    eventually, free_port, http_get, http_request, repo_root, system_program, Cluster, Metrics,
+    PublisherNode, TempDir, WsClient,
 };
 
 const PUBLISHER_BIN: &str = env!("CARGO_BIN_EXE_publisher-node");
@@ -34,13 +34,6 @@ const STABLE_PUBLISHER_METRICS: [&str; 5] = [
 ];
 
 // === files ===
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
 
 fn read_repo_file(relative: &str) -> String {
     let path = repo_root().join(relative);
@@ -145,21 +138,6 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A system program, looked up on PATH and in the sbin directories (nginx lives in
-/// /usr/sbin, which a non-root PATH may lack).
-fn program(name: &str, debian_package: &str) -> PathBuf {
-    let path = std::env::var("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` is not installed: `apt-get install -y {debian_package}` (.ci/run does)"
-            )
-        })
 }
 
 /// Percent-encode a query-string value.
@@ -508,7 +486,7 @@ struct Nginx {
 
 impl Nginx {
     async fn start(gateway_ports: &[u16], publisher_port: u16) -> Nginx {
-        let nginx = program("nginx", "nginx-light");
+        let nginx = system_program("nginx", "`apt-get install -y nginx-light`");
         let original = read_repo_file("deploy/nginx.conf");
         for _attempt in 0..3 {
             let dir = TempDir::new("nginx");
@@ -660,7 +638,7 @@ struct Prometheus {
 
 impl Prometheus {
     async fn start(gateway_admin_ports: &[u16], publisher_port: u16) -> Prometheus {
-        let prometheus = program("prometheus", "prometheus");
+        let prometheus = system_program("prometheus", "`apt-get install -y prometheus`");
         let original = read_repo_file("deploy/prometheus.yml");
         for _attempt in 0..3 {
             let dir = TempDir::new("prometheus");

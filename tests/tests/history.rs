@@ -4,12 +4,11 @@
 //! `history_gone` when the offset can no longer be resumed from.
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use tests::{
-    eventually, http_request, publisher_command, Cluster, PublisherNode, Received, WsClient,
-    TIMEOUT,
+    eventually, expect_error, expect_quiet, expect_sequence, http_request, publish,
+    publish_in_background, publisher_command, stream_id, Cluster, PublisherNode, WsClient, TIMEOUT,
 };
 
 /// A publisher without ticks (they would only be noise here).
@@ -17,86 +16,6 @@ async fn publisher(cluster: &Cluster, env: &[(&str, &str)]) -> PublisherNode {
     let mut all = vec![("PUBLISHER__TICK__ENABLED", "false")];
     all.extend_from_slice(env);
     PublisherNode::start(&cluster.redis, &all).await
-}
-
-/// `POST /publish {"channel","data":{"n":n}}` on the publisher at `port`; returns the offset.
-async fn publish(port: u16, channel: &str, n: u64) -> String {
-    let body = json!({"channel": channel, "data": {"n": n}}).to_string();
-    let headers = [("Content-Type", "application/json")];
-    let (status, text) = http_request(port, "POST", "/publish", &headers, &body)
-        .await
-        .expect("publisher answers");
-    assert_eq!(status, 200, "publish {n}: {text}");
-    let reply: Value = serde_json::from_str(&text).expect("JSON reply");
-    reply["offset"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no offset in {reply}"))
-        .to_owned()
-}
-
-/// Publish `range` in order (one request each) from a task, as a producer would meanwhile.
-fn publish_in_background(
-    port: u16,
-    channel: &'static str,
-    range: std::ops::RangeInclusive<u64>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for n in range {
-            publish(port, channel, n).await;
-        }
-    })
-}
-
-/// Read `channel`'s messages until `n == last`, asserting they are exactly `first..=last` in
-/// order, each with a strictly increasing offset; returns the last offset. Frames of other
-/// channels are skipped.
-async fn expect_sequence(client: &mut WsClient, channel: &str, first: u64, last: u64) -> String {
-    let mut offset = String::new();
-    let mut prev_id: Option<(u64, u64)> = None;
-    for expected in first..=last {
-        let frame = client.until_message(channel).await;
-        assert_eq!(
-            frame["data"]["n"], expected,
-            "lost, duplicated or reordered: {frame}"
-        );
-        offset = frame["offset"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no offset: {frame}"))
-            .to_owned();
-        let id = stream_id(&offset);
-        assert!(
-            prev_id.is_none_or(|p| p < id),
-            "offsets not increasing at {frame}"
-        );
-        prev_id = Some(id);
-    }
-    offset
-}
-
-fn stream_id(offset: &str) -> (u64, u64) {
-    let (_, id) = offset.split_once(':').expect("epoch:id");
-    let (ms, seq) = id.split_once('-').expect("ms-seq");
-    (ms.parse().unwrap(), seq.parse().unwrap())
-}
-
-/// Nothing more arrives on `channel` for a short while (no duplicates after the sequence).
-async fn expect_quiet(client: &mut WsClient, channel: &str) {
-    while let Some(received) = client.next_within(Duration::from_millis(300)).await {
-        match received {
-            Received::Frame(frame) if frame["channel"] == channel => {
-                panic!("unexpected frame after the sequence: {frame}")
-            }
-            Received::Frame(_) => {}
-            Received::Closed(code) => panic!("closed with {code:?}"),
-        }
-    }
-}
-
-/// The next frame that is not a message: it must be an error with `code`.
-async fn expect_error(client: &mut WsClient, code: &str) -> Value {
-    let frame = client.until_type("error").await;
-    assert_eq!(frame["code"], code, "{frame}");
-    frame
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -915,6 +915,37 @@ async fn tail_publishes_new_lines_in_order_across_truncation_and_replacement() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_keeps_lines_written_to_the_old_file_by_an_application_that_reopens_late() {
+    let redis = RedisServer::start();
+    let dir = TempDir::new("tail-late");
+    let path = dir.path().join("app.log");
+    let rotated = dir.path().join("app.log.1");
+    append(&path, "");
+    let mut sub = Subscriber::channels(&redis, &["logs"]).await;
+    let mut tail = TailProcess::start(&redis, &[path.to_str().unwrap(), "--channel", "logs"]).await;
+    // The application holds its log open, as a logger does.
+    let mut app = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    use std::io::Write;
+    app.write_all(b"before rotation\n").unwrap();
+    expect_lines(&mut sub, ["before rotation".into()]).await;
+
+    // logrotate with `create`: rename, a new empty file; the application goes on writing to
+    // the old one until its postrotate signal, after the tail already switched.
+    std::fs::rename(&path, &rotated).unwrap();
+    append(&path, "");
+    tail.wait_log("file rotated").await;
+    app.write_all(b"written late to the old file\n").unwrap();
+    expect_lines(&mut sub, ["written late to the old file".into()]).await;
+    // The signal: it reopens the path.
+    drop(app);
+    append(&path, "after reopening\n");
+    expect_lines(&mut sub, ["after reopening".into()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_from_start_publishes_existing_lines_and_waits_for_line_ends() {
     let redis = RedisServer::start();
     let dir = TempDir::new("tail-start");

@@ -1,0 +1,214 @@
+//! The Redis bus: one RESP2 pub/sub connection per node, multiplexing every channel that at
+//! least one local session wants, and a deadpool-redis pool for publishes and history reads.
+//!
+//! - [`channels`]: each wanted channel's phase (pending, catching up, live) and its position in
+//!   the channel's history; the rules that make a resubscribe lose and repeat nothing.
+//! - [`subscriber`]: the pub/sub connection's life (SUBSCRIBE / delayed UNSUBSCRIBE, PING
+//!   liveness, reconnect with backoff, resubscribe) and its reader; history reads run beside
+//!   it, so they never stall its PINGs or new subscriptions.
+//! - [`history`]: the history read script and what a read means (replay or `history_gone`).
+//!
+//! Messages from the publisher arrive in an envelope (README "History and recovery"): a NUL
+//! byte, the offset `<epoch>:<stream id>`, `\n`, then the payload. The reader splits it and hands
+//! the offset on; any other payload (a plain `PUBLISH`, or a malformed envelope) is live-only
+//! and has no offset. Payloads starting with NUL are therefore reserved.
+
+mod channels;
+mod history;
+mod subscriber;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis;
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use super::{BusError, History, Live};
+use crate::config::RedisConfig;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::Offset;
+use channels::Channels;
+use history::{Outcome, Position, ReadRequest};
+
+pub struct RedisBus {
+    channels: Arc<Channels>,
+    pool: deadpool_redis::Pool,
+    prefix: String,
+    timeout: Duration,
+    unsubscribe_delay: Duration,
+}
+
+impl RedisBus {
+    pub fn start(
+        config: &RedisConfig,
+        max_replay: usize,
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Arc<RedisBus> {
+        let url = config.url.clone().unwrap_or_default();
+        let op_timeout = Duration::from_millis(config.timeout_ms);
+        let mut pool_config = deadpool_redis::Config::from_url(url.clone());
+        let mut pool_settings = deadpool_redis::PoolConfig::new(config.pool_size);
+        pool_settings.timeouts = deadpool_redis::Timeouts {
+            wait: Some(op_timeout),
+            create: Some(op_timeout),
+            recycle: Some(op_timeout),
+        };
+        pool_config.pool = Some(pool_settings);
+        let pool = pool_config
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .expect("redis.url was validated");
+        let channels = Arc::new(Channels::new(hub, metrics.clone(), max_replay));
+        let subscriber = subscriber::Subscriber {
+            client: redis::Client::open(url).expect("redis.url was validated"),
+            config: config.clone(),
+            channels: channels.clone(),
+            metrics,
+            pool: pool.clone(),
+            max_replay,
+        };
+        tokio::spawn(subscriber.run(shutdown));
+        Arc::new(RedisBus {
+            channels,
+            pool,
+            prefix: config.prefix.clone(),
+            timeout: op_timeout,
+            unsubscribe_delay: Duration::from_millis(config.unsubscribe_delay_ms),
+        })
+    }
+
+    pub fn want(&self, channel: &str) {
+        self.channels.want(channel);
+    }
+
+    pub fn release(&self, channel: &str) {
+        self.channels
+            .release(channel, Instant::now() + self.unsubscribe_delay);
+    }
+
+    pub fn live(&self, channel: &str) -> Option<oneshot::Receiver<Live>> {
+        self.channels.live(channel)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.channels.is_ready()
+    }
+
+    pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), BusError> {
+        let key = format!("{}{}", self.prefix, channel);
+        let publish = async {
+            let mut conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| BusError::Unavailable(e.to_string()))?;
+            redis::cmd("PUBLISH")
+                .arg(key)
+                .arg(payload)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| BusError::Unavailable(e.to_string()))
+        };
+        match timeout(self.timeout, publish).await {
+            Ok(Ok(_receivers)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BusError::Timeout),
+        }
+        .inspect_err(|e| tracing::debug!(error = %e, "publish failed"))
+    }
+
+    /// `channel`'s history after `since`: at most `limit` entries within `budget` payload
+    /// bytes, else gone (see [`history`]).
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: &Offset,
+        limit: usize,
+        budget: usize,
+    ) -> Result<History, BusError> {
+        let request = ReadRequest {
+            channel: channel.to_owned(),
+            from: Position::At(since.clone()),
+            limit,
+            budget,
+        };
+        let mut reads = history::read(&self.pool, &self.prefix, self.timeout, &[request]).await?;
+        Ok(match reads.pop() {
+            Some(Ok(read)) => match read.outcome {
+                Outcome::Replay(entries) => History::Replay(entries),
+                Outcome::Gone(why) => History::Gone(why),
+            },
+            Some(Err(e)) => History::Gone(format!("the channel's history cannot be read: {e}")),
+            None => History::Gone("the channel's history cannot be read".into()),
+        })
+    }
+}
+
+/// Split a pub/sub payload into `(offset, payload)`. The publisher's envelope is a NUL byte,
+/// the offset, `\n`, then the payload; anything else (a plain `PUBLISH`, or a malformed
+/// envelope) is a live-only payload without an offset.
+fn envelope(raw: &[u8]) -> (Option<&str>, &[u8]) {
+    let parsed = raw.strip_prefix(b"\0").and_then(|rest| {
+        let nl = rest.iter().position(|&b| b == b'\n')?;
+        let offset = std::str::from_utf8(&rest[..nl]).ok()?;
+        Offset::parse(offset)?;
+        Some((Some(offset), &rest[nl + 1..]))
+    });
+    parsed.unwrap_or((None, raw))
+}
+
+/// When a message with this offset was published, as an `Instant`: the stream id's
+/// milliseconds are the wall-clock time of the `XADD`. Now, for a clock in the future.
+fn published_at(offset: &str) -> Instant {
+    let now = Instant::now();
+    let Some(ms) = Offset::parse(offset).map(|o| o.id.0) else {
+        return now;
+    };
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now.checked_sub(Duration::from_millis(wall.saturating_sub(ms)))
+        .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_are_told_from_plain_payloads() {
+        assert_eq!(
+            envelope(b"\0k3f9:17-0\n{\"a\":1}"),
+            (Some("k3f9:17-0"), &b"{\"a\":1}"[..])
+        );
+        assert_eq!(envelope(b"\0e:1-0\n"), (Some("e:1-0"), &b""[..]));
+        assert_eq!(envelope(b"{\"a\":1}"), (None, &b"{\"a\":1}"[..]));
+        // Malformed envelopes are plain payloads.
+        assert_eq!(envelope(b"\0no newline"), (None, &b"\0no newline"[..]));
+        assert_eq!(
+            envelope(b"\0bad offset\nx"),
+            (None, &b"\0bad offset\nx"[..])
+        );
+        assert_eq!(envelope(b""), (None, &b""[..]));
+    }
+
+    #[test]
+    fn publish_time_comes_from_the_stream_id() {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let at = published_at(&format!("e:{}-0", ms - 250));
+        let age = at.elapsed();
+        assert!(
+            age >= Duration::from_millis(240) && age < Duration::from_secs(5),
+            "{age:?}"
+        );
+        assert!(published_at(&format!("e:{}-0", ms + 60_000)).elapsed() < Duration::from_secs(1));
+    }
+}
