@@ -216,7 +216,11 @@ impl Channels {
         let state = self.lock();
         debug_assert_eq!(
             state.not_live,
-            state.map.values().filter(|c| c.phase != Phase::Live).count()
+            state
+                .map
+                .values()
+                .filter(|c| c.phase != Phase::Live)
+                .count()
         );
         state.connected && state.not_live == 0
     }
