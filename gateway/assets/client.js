@@ -1,10 +1,12 @@
-// GatewayClient — the browser client of the gateway's WebSocket protocol (SPEC.md §2, §5).
+// GatewayClient — the browser client of the gateway's WebSocket protocol (docs/REFERENCE.md
+// §2 and §5 in the pushgate repository).
 //
 // A plain ES module with no dependencies and no build step; the gateway serves it at
 // `/client.js`. It owns one logical connection: it connects to the first URL, follows the
-// close-code table of SPEC §2 (reconnect at once, with backoff, or not at all), fails over
-// across the given URLs, re-subscribes every channel on reconnect and resumes with `since`
-// from the last offset seen per channel, so a page keeps receiving without writing any of that.
+// close-code table of docs/REFERENCE.md §2 (reconnect at once, with backoff, or not at all),
+// fails over across the given URLs, re-subscribes every channel on reconnect and resumes with
+// `since` from the last offset seen per channel, so a page keeps receiving without writing any
+// of that.
 //
 //   import { GatewayClient } from "/client.js";
 //   const client = new GatewayClient("wss://push.example.com/ws", { channels: ["ticks"] });
@@ -14,13 +16,14 @@
 //   await client.subscribe("chat:lobby");
 //   await client.publish("chat:lobby", { text: "hi" });
 
-/** Close codes after which the client stays closed (SPEC §2). */
+/** Close codes after which the client stays closed (docs/REFERENCE.md §2). */
 const NO_RECONNECT = new Map([
   [1000, "normal close"],
   [1002, "protocol error"],
   [1003, "binary frame not accepted"],
   [1007, "invalid UTF-8"],
   [1009, "message too big"],
+  [4400, "bad request (client_id or query)"],
   [4401, "missing, bad or expired token"],
   [4403, "origin not allowed"],
 ]);

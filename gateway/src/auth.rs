@@ -1,4 +1,4 @@
-//! Client authentication (SPEC §2, §6): JWTs signed with HS256 (`auth.secret`, plus
+//! Client authentication (docs/REFERENCE.md §2, §6): JWTs signed with HS256 (`auth.secret`, plus
 //! `auth.secrets` for rotation) or RS256/ES256 (`auth.public_key_file`), carried in `?token=` or
 //! `Authorization: Bearer`.
 //!
@@ -135,7 +135,7 @@ impl Verifier {
                         ErrorKind::MissingRequiredClaim(c) => {
                             AuthError::Invalid(format!("missing claim `{c}`"))
                         }
-                        _ => AuthError::Invalid(e.to_string()),
+                        kind => AuthError::Invalid(describe(kind)),
                     };
                     // Anything but a signature or algorithm mismatch is the token's fault,
                     // whichever key is tried.
@@ -154,12 +154,34 @@ impl Verifier {
     }
 }
 
+/// Why a token was refused, in the words of the close reason (`bad token: …`): the library's
+/// own error texts are type names (`InvalidToken`) or parser internals.
+fn describe(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            "not a JWT (header.claims.signature, base64url)".into()
+        }
+        ErrorKind::Json(_) => "its header or claims are not the expected JSON".into(),
+        ErrorKind::InvalidClaimFormat(c) => format!("claim `{c}` has the wrong type"),
+        ErrorKind::ImmatureSignature => "not valid yet (`nbf` is in the future)".into(),
+        ErrorKind::InvalidIssuer => "issuer (`iss`) not accepted".into(),
+        ErrorKind::InvalidAudience => "audience (`aud`) not accepted".into(),
+        ErrorKind::InvalidSubject => "subject (`sub`) not accepted".into(),
+        ErrorKind::InvalidAlgorithm
+        | ErrorKind::InvalidAlgorithmName
+        | ErrorKind::UnsupportedAlgorithm
+        | ErrorKind::MissingAlgorithm => "its algorithm is not accepted".into(),
+        _ => "it cannot be verified with the configured keys".into(),
+    }
+}
+
 /// Turn verified claims into a grant, validating `sub` and the patterns.
 fn grant(claims: Claims) -> Result<Grant, AuthError> {
     if !protocol::valid_client_id(&claims.sub) {
-        return Err(AuthError::Invalid(
-            "`sub` must be 1-123 chars of A-Z a-z 0-9 _ - . : @".into(),
-        ));
+        return Err(AuthError::Invalid(format!(
+            "`sub` must be {}",
+            protocol::CLIENT_ID_RULE
+        )));
     }
     let channels = compile("channels", claims.channels)?;
     let publish = compile("publish", claims.publish)?;

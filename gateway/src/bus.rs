@@ -4,8 +4,8 @@
 //! no `redis.url` is configured) and [`redis`] (one pub/sub connection per node multiplexing
 //! every channel a local session wants, plus a command pool for publishes and history reads).
 //! The bus knows channels and payloads, never sockets; messages it receives go to the [`Hub`].
-//! Publisher messages arrive in an envelope carrying their history offset (README "History and
-//! recovery"; see `redis/mod.rs`); the memory bus has no history.
+//! Publisher messages arrive in an envelope carrying their history offset (docs/REFERENCE.md
+//! §5; see `redis/mod.rs`); the memory bus has no history.
 
 pub mod memory;
 pub mod redis;
@@ -29,7 +29,7 @@ pub enum BusError {
     Timeout,
 }
 
-/// What a channel's history holds after an offset (README "History and recovery").
+/// What a channel's history holds after an offset (docs/REFERENCE.md §5).
 #[derive(Debug)]
 pub enum History {
     /// Everything published after the offset, oldest first: `(offset, payload)`.

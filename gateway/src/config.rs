@@ -1,6 +1,6 @@
 //! The gateway's configuration: one typed struct loaded by the `config` crate from defaults,
 //! then an optional TOML file, then `GATEWAY__…` environment variables, then command-line
-//! overrides; validated completely before anything binds (SPEC §4).
+//! overrides; validated completely before anything binds (docs/REFERENCE.md §4).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,14 +11,34 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol;
 
-/// Keys whose environment values are split on commas (and only these, so that secrets may
-/// contain commas: `auth.secret` is not one of them). Items are trimmed; empty ones dropped.
+/// Keys whose environment values are lists (and only these, so that `auth.secret` and every
+/// other value may contain commas): comma-separated, or a JSON array ([`env_list`]).
 const LIST_KEYS: &[&str] = &[
     "origins",
     "client_publish",
     "default_channels",
     "auth.secrets",
 ];
+
+/// A list key's environment value: a JSON array of strings when it starts with `[` (so that
+/// items may contain commas: any secret `auth.secret` accepts can be an `auth.secrets` item),
+/// else comma-separated items, trimmed, empty ones dropped.
+fn env_list(key: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
+    if value.trim_start().starts_with('[') {
+        return serde_json::from_str(value).map_err(|e| {
+            invalid(
+                key,
+                format!("a value starting with `[` must be a JSON array of strings ({e})"),
+            )
+        });
+    }
+    Ok(value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
 
 /// Shortest HS256 secret accepted: RFC 7518 §3.2 requires a key at least as long as the hash.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -53,6 +73,9 @@ pub struct Config {
     pub ticks: Option<bool>,
     /// Interval of the node's own ticks.
     pub tick_interval_ms: u64,
+    /// With Redis, a ticking node takes part in the tick lease (`lease.rs`) with this TTL: a
+    /// dead ticker is replaced within about this long.
+    pub tick_lease_ttl_ms: u64,
     /// Channel patterns clients may publish to.
     pub client_publish: Vec<String>,
     /// Channels of a session that names none.
@@ -67,7 +90,7 @@ pub struct Config {
     pub drain_timeout_ms: u64,
 }
 
-/// Recovery from the publisher's per-channel streams (SPEC §5); Redis bus only.
+/// Recovery from the publisher's per-channel streams (docs/REFERENCE.md §5); Redis bus only.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
@@ -177,6 +200,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             ticks: None,
             tick_interval_ms: 1000,
+            tick_lease_ttl_ms: 3000,
             client_publish: vec!["chat:*".into()],
             default_channels: vec!["ticks".into()],
             origins: Vec::new(),
@@ -263,13 +287,7 @@ impl Config {
         for key in LIST_KEYS {
             let var = format!("GATEWAY__{}", key.replace('.', "__").to_uppercase());
             if let Some(value) = vars.get(&var).filter(|v| !v.is_empty()) {
-                let items: Vec<String> = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|item| !item.is_empty())
-                    .map(str::to_owned)
-                    .collect();
-                builder = builder.set_override(*key, items)?;
+                builder = builder.set_override(*key, env_list(key, value)?)?;
             }
         }
         for (key, value) in overrides {
@@ -321,6 +339,13 @@ impl Config {
             self.redis.resubscribe_batch as u64,
         )?;
         positive("tick_interval_ms", self.tick_interval_ms)?;
+        // Renewal runs every ttl/3 and must have room for a round trip.
+        if !(100..=3_600_000).contains(&self.tick_lease_ttl_ms) {
+            return Err(invalid(
+                "tick_lease_ttl_ms",
+                "must be between 100 and 3600000",
+            ));
+        }
         for pattern in &self.client_publish {
             let literal = pattern.replace('*', "x");
             if pattern.is_empty() || !protocol::valid_channel(&literal) {
@@ -430,6 +455,20 @@ impl Config {
     }
 }
 
+/// `url` with its user-info hidden, for messages and logs:
+/// `redis://:secret@host:6379` → `redis://***@host:6379`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         invalid(
@@ -472,7 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_match_the_spec() {
+    fn defaults_match_the_reference() {
         let c = Config::load_from_env(None, &[], env(&[])).unwrap();
         assert_eq!(c.listen, "0.0.0.0:8080");
         assert_eq!(c.admin_listen, "0.0.0.0:9091");
@@ -547,6 +586,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("auth.public_key_file"), "{e}");
+    }
+
+    #[test]
+    fn list_keys_take_json_arrays_from_the_environment() {
+        let old = "old,secret,with,commas-and-32-bytes-or-more";
+        let c = Config::load_from_env(
+            None,
+            &[],
+            env(&[
+                (
+                    "GATEWAY__AUTH__SECRETS",
+                    &format!(r#"["{old}", " spaced-secret-of-at-least-32-bytes "]"#),
+                ),
+                ("GATEWAY__ORIGINS", r#"["https://a.example.com"]"#),
+            ]),
+        )
+        .unwrap();
+        let secrets: Vec<&str> = c.auth.secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, [old, " spaced-secret-of-at-least-32-bytes "]);
+        assert_eq!(c.origins, ["https://a.example.com"]);
+        let e = Config::load_from_env(
+            None,
+            &[],
+            env(&[("GATEWAY__AUTH__SECRETS", r#"["unterminated"#)]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("auth.secrets"), "{e}");
+        assert!(
+            !e.to_string().contains("unterminated"),
+            "no secret in the message: {e}"
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! A horizontally scalable WebSocket push gateway node.
 //!
 //! Clients connect over WebSocket and subscribe to channels; producers publish to Redis; every
-//! node delivers every message to its own local subscribers. The contract is SPEC.md; the
-//! bird's-eye view is ARCHITECTURE.md.
+//! node delivers every message to its own local subscribers. The contract is
+//! docs/REFERENCE.md; the bird's-eye view is ARCHITECTURE.md.
 //!
 //! # Layout
 //!
@@ -15,7 +15,9 @@
 //! - [`origin`]: the browser Origin allowlist.
 //! - [`auth`]: JWT verification and what a token allows.
 //! - [`accept`]: the accept loop (HTTP/1.1, handshake deadline, graceful stop).
-//! - [`config`], [`metrics`], [`shutdown`], [`ticker`], [`cli`].
+//! - [`ticker`]: the `ticks` channel; [`lease`]: the tick lease and slot claims shared with
+//!   the publisher, so that a deployment has one ticker.
+//! - [`config`], [`metrics`], [`shutdown`], [`cli`].
 
 pub mod accept;
 pub mod auth;
@@ -23,6 +25,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod hub;
+pub mod lease;
 pub mod metrics;
 pub mod origin;
 pub mod outbox;

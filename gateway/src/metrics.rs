@@ -1,6 +1,6 @@
-//! The node's Prometheus metrics (names from SPEC §4) in one registry owned by the node, plus
-//! the standard `process_*` collector. Labels are small fixed sets: never a channel name or a
-//! client id.
+//! The node's Prometheus metrics (names from docs/REFERENCE.md §4) in one registry owned by the
+//! node, plus the standard `process_*` collector. Labels are small fixed sets: never a channel name
+//! or a client id.
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
@@ -42,11 +42,46 @@ pub mod reason {
     pub const UNAUTHORIZED: &str = "unauthorized";
     /// The session's token expired without a refresh (4401).
     pub const TOKEN_EXPIRED: &str = "token_expired";
+    /// Refused at connect: unusable parameters such as a bad `client_id` (4400).
+    pub const BAD_REQUEST: &str = "bad_request";
     /// Refused at connect: Origin not in `origins` (4403).
     pub const ORIGIN_FORBIDDEN: &str = "origin_forbidden";
     pub const IO_ERROR: &str = "io_error";
     /// `gateway_messages_dropped_total` only: frames still queued when their session ended.
     pub const SESSION_CLOSED: &str = "session_closed";
+
+    /// Every reason of `gateway_disconnects_total`.
+    pub const DISCONNECTS: [&str; 16] = [
+        CLIENT_CLOSE,
+        SHUTDOWN,
+        SLOW_CONSUMER,
+        HEARTBEAT_TIMEOUT,
+        RATE_LIMITED,
+        MESSAGE_TOO_BIG,
+        PROTOCOL_ERROR,
+        BINARY_FRAME,
+        INVALID_UTF8,
+        MAX_CONNECTIONS,
+        MAX_CONNECTIONS_PER_IP,
+        UNAUTHORIZED,
+        TOKEN_EXPIRED,
+        BAD_REQUEST,
+        ORIGIN_FORBIDDEN,
+        IO_ERROR,
+    ];
+}
+
+/// Values of the `type` label of `gateway_client_frames_total`: the client frame types, and
+/// `invalid` for a frame that did not parse.
+pub mod frame_type {
+    pub const SUBSCRIBE: &str = "subscribe";
+    pub const UNSUBSCRIBE: &str = "unsubscribe";
+    pub const PUBLISH: &str = "publish";
+    pub const PING: &str = "ping";
+    pub const REFRESH: &str = "refresh";
+    pub const INVALID: &str = "invalid";
+
+    pub const ALL: [&str; 6] = [SUBSCRIBE, UNSUBSCRIBE, PUBLISH, PING, REFRESH, INVALID];
 }
 
 impl Metrics {
@@ -115,19 +150,16 @@ impl Metrics {
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
         }
-        // Make the labelled series visible at zero so dashboards and alerts see them from start.
+        // Every known label value exists from the start, at zero (as Prometheus recommends),
+        // so that rate() and alerts see a series before its first event.
         for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {
             m.messages_dropped.with_label_values(&[r]);
         }
-        for r in [
-            reason::CLIENT_CLOSE,
-            reason::SHUTDOWN,
-            reason::SLOW_CONSUMER,
-            reason::HEARTBEAT_TIMEOUT,
-            reason::UNAUTHORIZED,
-            reason::ORIGIN_FORBIDDEN,
-        ] {
+        for r in reason::DISCONNECTS {
             m.disconnects.with_label_values(&[r]);
+        }
+        for t in frame_type::ALL {
+            m.client_frames.with_label_values(&[t]);
         }
         m
     }
@@ -144,5 +176,27 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_series_exist_before_their_first_event() {
+        let text = Metrics::new().render();
+        for t in frame_type::ALL {
+            let series = format!("gateway_client_frames_total{{type=\"{t}\"}} 0");
+            assert!(text.contains(&series), "missing {series}");
+        }
+        for r in reason::DISCONNECTS {
+            let series = format!("gateway_disconnects_total{{reason=\"{r}\"}} 0");
+            assert!(text.contains(&series), "missing {series}");
+        }
+        for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {
+            let series = format!("gateway_messages_dropped_total{{reason=\"{r}\"}} 0");
+            assert!(text.contains(&series), "missing {series}");
+        }
     }
 }

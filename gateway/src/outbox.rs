@@ -3,7 +3,7 @@
 //! the session (shutdown, heartbeat), so a session waits on nothing shared with other sessions.
 //!
 //! Overflow is a decision, not backpressure: the queue is emptied, marked overflowed, and the
-//! session closes with 4000 (SPEC §2). The hub never waits on a session.
+//! session closes with 4000 (docs/REFERENCE.md §2). The hub never waits on a session.
 //!
 //! Wake-ups: exactly one task (the session) consumes an outbox, so waking it is an
 //! `AtomicWaker` plus flag bits, lock-free. The writer is woken only when the queue goes from

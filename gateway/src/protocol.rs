@@ -1,5 +1,6 @@
-//! The client protocol (SPEC §2): frames clients send, frames the server sends, close codes,
-//! channel-name rules and channel patterns. Pure functions only: nothing here touches a socket.
+//! The client protocol (docs/REFERENCE.md §2): frames clients send, frames the server sends, close
+//! codes, channel-name rules and channel patterns. Pure functions only: nothing here touches a
+//! socket.
 //!
 //! Server frames are written by hand into strings rather than through `serde_json::to_string`
 //! on a struct, because the message frame is built once per published message and embeds the
@@ -9,7 +10,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// Longest channel name accepted (SPEC §2).
+/// Longest channel name accepted (docs/REFERENCE.md §2).
 pub const MAX_CHANNEL_LEN: usize = 128;
 
 /// Prefix of every client's personal channel.
@@ -17,7 +18,7 @@ pub const PERSONAL_PREFIX: &str = "user:";
 
 // === close codes ===
 
-/// WebSocket close codes the gateway uses (SPEC §2 table).
+/// WebSocket close codes the gateway uses (docs/REFERENCE.md §2 table).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
@@ -30,6 +31,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4000;
     pub const HEARTBEAT_TIMEOUT: u16 = 4001;
     pub const RATE_LIMITED: u16 = 4029;
+    /// The upgrade request's parameters are unusable (a bad `client_id`, a malformed query).
+    pub const BAD_REQUEST: u16 = 4400;
     pub const UNAUTHORIZED: u16 = 4401;
     pub const FORBIDDEN_ORIGIN: u16 = 4403;
 }
@@ -44,6 +47,9 @@ pub fn valid_channel(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
 }
+
+/// The client-id rule, as error messages and close reasons state it.
+pub const CLIENT_ID_RULE: &str = "1-123 chars of A-Z a-z 0-9 _ - . : @";
 
 /// Whether a client id is usable: it becomes part of the personal channel `user:<id>`, so it
 /// must keep that channel valid.
@@ -97,8 +103,9 @@ pub fn any_matches(patterns: &[String], name: &str) -> bool {
 
 // === history offsets ===
 
-/// A position in a channel's history (SPEC §5): `<epoch>:<ms>-<seq>`, where `<ms>-<seq>` is
-/// the Redis stream id and the epoch names the stream's incarnation. Opaque to clients.
+/// A position in a channel's history (docs/REFERENCE.md §5): `<epoch>:<ms>-<seq>`, where
+/// `<ms>-<seq>` is the Redis stream id and the epoch names the stream's incarnation. Opaque to
+/// clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offset {
     pub epoch: String,
@@ -154,7 +161,7 @@ pub fn parse_since_param(param: &str) -> Vec<Result<(String, Offset), String>> {
         .collect()
 }
 
-/// The Redis key of the stream holding `channel`'s history (README "History and recovery"):
+/// The Redis key of the stream holding `channel`'s history (docs/REFERENCE.md §5):
 /// `<prefix>history:{<prefix><channel>}`; its epoch lives at this key plus `:epoch`. The braces
 /// make the Redis channel (`<prefix><channel>`) the hash tag of both keys, so that on a Redis
 /// Cluster they live in the slot of the channel's SPUBLISH and one script can append and

@@ -69,6 +69,8 @@ pub struct Node {
     /// map with its last session, so the map is bounded by the open sessions.
     per_ip: Box<[Mutex<HashMap<IpAddr, u32>>]>,
     next_session: AtomicU64,
+    /// The demo page as this node serves it ([`index_page`]).
+    index_page: String,
 }
 
 /// Holds one of the node's `max_connections` slots (and of its address's
@@ -210,15 +212,13 @@ pub async fn run(
     // The bus and the ticker outlive the sessions' drain, so they have their own token.
     let background = CancellationToken::new();
     let bus = Bus::start(&config, hub.clone(), metrics.clone(), background.clone());
-    if config.ticks_enabled() {
-        tokio::spawn(ticker::run(
-            bus.clone(),
-            std::time::Duration::from_millis(config.tick_interval_ms),
-            background.clone(),
-        ));
-    }
+    let node_name = config.node_name();
+    let ticks = config
+        .ticks_enabled()
+        .then(|| ticker::spawn(&config, &node_name, bus.clone(), background.clone()));
+    let index_page = index_page(&config);
     let node = Arc::new(Node {
-        node_name: config.node_name(),
+        node_name,
         config,
         hub,
         bus,
@@ -230,12 +230,14 @@ pub async fn run(
         connections: AtomicUsize::new(0),
         per_ip: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
         next_session: AtomicU64::new(1),
+        index_page,
     });
     tracing::info!(
         node = %node.node_name,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         bus = if node.config.redis.url.is_some() { "redis" } else { "memory" },
+        redis = %node.config.redis.url.as_deref().map_or_else(|| "none".into(), crate::config::redact_url),
         auth = node.verifier.is_some(),
         "gateway serving"
     );
@@ -282,6 +284,15 @@ pub async fn run(
         tracing::info!(closed = open, "drained");
     }
     background.cancel();
+    if let Some(ticks) = ticks {
+        // Bounded: a held tick lease is released within its own deadline (a third of its TTL),
+        // so the next ticker takes over at once instead of after the TTL.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(node.config.tick_lease_ttl_ms),
+            ticks,
+        )
+        .await;
+    }
     admin_stop.cancel();
     let _ = admin.await;
     Ok(())
@@ -382,23 +393,84 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         .into_response()
 }
 
-async fn index() -> Response {
+/// The demo page, told which bus the node runs, so that its hints suggest only commands that
+/// can work against it (nothing outside a memory-bus node can publish to it).
+fn index_page(config: &Config) -> String {
+    let page = include_str!("../assets/index.html");
+    match config.redis.url {
+        Some(_) => page.to_owned(),
+        None => page.replacen(
+            r#"<body data-bus="redis">"#,
+            r#"<body data-bus="memory">"#,
+            1,
+        ),
+    }
+}
+
+async fn index(State(node): State<Arc<Node>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        include_str!("../assets/index.html"),
+        node.index_page.clone(),
     )
         .into_response()
 }
 
-async fn client_js() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        include_str!("../assets/client.js"),
-    )
-        .into_response()
+/// The browser client module, embedded in the binary.
+const CLIENT_JS: &str = include_str!("../assets/client.js");
+
+/// `client.js`'s strong validator: the gateway's version and a hash of the module's text, so
+/// it changes exactly when the module does.
+static CLIENT_JS_ETAG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // FNV-1a: stable across builds and Rust versions, unlike `DefaultHasher`.
+    let hash = CLIENT_JS.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("\"{}-{hash:016x}\"", env!("CARGO_PKG_VERSION"))
+});
+
+/// `/client.js`, importable from the sites in `origins` (CORS) and cached as an asset that
+/// changes with the gateway's version: browsers keep it but revalidate before each use
+/// (`no-cache` + `ETag`, answered 304 while unchanged), so an upgraded node never serves a
+/// page a stale client.
+async fn client_js(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    let etag = CLIENT_JS_ETAG.as_str();
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| {
+            tags.split(',')
+                .map(|t| t.trim().trim_start_matches("W/"))
+                .any(|t| t == etag || t == "*")
+        });
+    let mut response = if fresh {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+            CLIENT_JS,
+        )
+            .into_response()
+    };
+    let out = response.headers_mut();
+    out.insert(header::ETAG, header::HeaderValue::from_static(etag));
+    out.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("public, no-cache"),
+    );
+    out.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    // The answer depends on the request's Origin: shared caches must keep them apart.
+    out.insert(header::VARY, header::HeaderValue::from_static("Origin"));
+    if let Some(origin) = origin::cors_origin(&node.config.origins, &headers) {
+        out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
+    response
 }
 
-/// Query parameters of `/ws` (SPEC §2). `Id` is the seed page's spelling of `client_id`.
+/// Query parameters of `/ws` (docs/REFERENCE.md §2). `Id` is the seed page's spelling of
+/// `client_id`.
 #[derive(Debug, Deserialize)]
 struct WsQuery {
     channels: Option<String>,
@@ -407,6 +479,16 @@ struct WsQuery {
     id: Option<String>,
     token: Option<String>,
     since: Option<String>,
+}
+
+/// What is wrong with a query string that does not deserialize, in a close reason's words
+/// (axum's rejection text starts with its own preamble).
+fn query_problem(rejection: &axum::extract::rejection::QueryRejection) -> String {
+    let text = rejection.body_text();
+    match text.split_once(": ") {
+        Some((_, detail)) => detail.to_owned(),
+        None => text,
+    }
 }
 
 /// The token of `Authorization: Bearer <token>`.
@@ -434,10 +516,6 @@ async fn ws_handler(
             "node is shutting down",
         );
     }
-    let query = match query {
-        Ok(Query(query)) => query,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_query", e.body_text()),
-    };
     let upgrade = upgrade
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -449,6 +527,14 @@ async fn ws_handler(
         let refusal = (close::FORBIDDEN_ORIGIN, reason::ORIGIN_FORBIDDEN, message);
         return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
     }
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => {
+            let message = format!("bad query string: {}", query_problem(&e));
+            let refusal = (close::BAD_REQUEST, reason::BAD_REQUEST, message);
+            return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
+        }
+    };
     let (client_id, grant) = match &node.verifier {
         // With auth on, the identity comes from the token only; `client_id`/`Id` are ignored.
         Some(verifier) => {
@@ -468,11 +554,12 @@ async fn ws_handler(
         None => match query.client_id.or(query.id) {
             Some(id) if protocol::valid_client_id(&id) => (id, None),
             Some(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_client_id",
-                    "client_id must be 1-123 chars of A-Z a-z 0-9 _ - . : @",
-                )
+                let refusal = (
+                    close::BAD_REQUEST,
+                    reason::BAD_REQUEST,
+                    format!("bad client_id: {}", protocol::CLIENT_ID_RULE),
+                );
+                return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
             }
             None => (uuid::Uuid::new_v4().simple().to_string(), None),
         },

@@ -20,9 +20,9 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite;
 
 use crate::auth::{self, Grant, Permissions};
-use crate::bus::{History, Live};
+use crate::bus::{BusError, History, Live};
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
-use crate::metrics::reason;
+use crate::metrics::{frame_type, reason};
 use crate::outbox::{signal, Frame, Outbox};
 use crate::protocol::{self, close, ClientFrame, Offset};
 use crate::server::Node;
@@ -109,7 +109,7 @@ struct Session {
     /// The token's `channels` / `publish` claims; None when it carried neither (or auth is
     /// off), so an idle session pays one word for them.
     permissions: Option<Box<Permissions>>,
-    /// While live frames may duplicate a replay (README "History and recovery"): per recovered
+    /// While live frames may duplicate a replay (docs/REFERENCE.md §5): per recovered
     /// channel, the last offset written from history. None (one word) for every session that
     /// is not recovering.
     recovered: Option<Box<Watermarks>>,
@@ -249,7 +249,7 @@ async fn finish(mut ws: WebSocket, end: End, metrics: crate::metrics::Metrics) {
         End::Close(code, why) => {
             tracing::debug!(code, reason = why, "closing session");
             metrics.disconnects.with_label_values(&[why]).inc();
-            let _ = timeout(CLOSE_TIMEOUT, close_socket(&mut ws, code, why)).await;
+            let _ = timeout(CLOSE_TIMEOUT, close_socket(&mut ws, code, close_text(why))).await;
         }
         End::Gone(why) => {
             tracing::debug!(reason = why, "session ended");
@@ -257,6 +257,26 @@ async fn finish(mut ws: WebSocket, end: End, metrics: crate::metrics::Metrics) {
             // Flush a close reply tungstenite may have queued for the client's close frame.
             let _ = timeout(Duration::from_secs(1), ws.flush()).await;
         }
+    }
+}
+
+/// The close frame's reason for a session ended for `why` (a `gateway_disconnects_total`
+/// reason): what happened, in words, like the reasons of refused connections ("token
+/// expired", "origin … is not allowed"), not the metric's label.
+fn close_text(why: &'static str) -> &'static str {
+    match why {
+        reason::SHUTDOWN => "node is draining",
+        reason::SLOW_CONSUMER => "slow consumer: the outbound queue overflowed",
+        reason::HEARTBEAT_TIMEOUT => "no pong within the heartbeat timeout",
+        reason::RATE_LIMITED => "kept publishing past the rate limit",
+        reason::MESSAGE_TOO_BIG => "message larger than limits.max_message_bytes",
+        reason::PROTOCOL_ERROR => "websocket protocol error",
+        reason::BINARY_FRAME => "binary frames are not part of this protocol",
+        reason::INVALID_UTF8 => "text frame is not valid UTF-8",
+        reason::MAX_CONNECTIONS => "node is at limits.max_connections",
+        reason::MAX_CONNECTIONS_PER_IP => "too many connections from this address",
+        reason::TOKEN_EXPIRED => "token expired",
+        other => other,
     }
 }
 
@@ -453,7 +473,7 @@ impl Session {
         });
     }
 
-    /// Replay `channel` after `since` (SPEC §5). The session is already subscribed in the
+    /// Replay `channel` after `since` (docs/REFERENCE.md §5). The session is already subscribed in the
     /// hub, so live frames queue in its outbox meanwhile; they are written after the replay,
     /// minus those the replay already covered (see [`Watermark`]). An offset that cannot be
     /// resumed from gets `history_gone`, and the channel continues live.
@@ -702,7 +722,7 @@ impl Session {
         let frame = match protocol::parse_client_frame(text) {
             Ok(frame) => frame,
             Err(e) => {
-                frames.with_label_values(&["invalid"]).inc();
+                frames.with_label_values(&[frame_type::INVALID]).inc();
                 self.charge()?;
                 let reply = protocol::error_frame(
                     e.code(),
@@ -715,26 +735,26 @@ impl Session {
         };
         let reply = match frame {
             ClientFrame::Subscribe { channel, id, since } => {
-                frames.with_label_values(&["subscribe"]).inc();
+                frames.with_label_values(&[frame_type::SUBSCRIBE]).inc();
                 return self.on_subscribe(ws, channel, id, since).await;
             }
             ClientFrame::Unsubscribe { channel, id } => {
-                frames.with_label_values(&["unsubscribe"]).inc();
+                frames.with_label_values(&[frame_type::UNSUBSCRIBE]).inc();
                 for reply in self.on_unsubscribe(&channel, id) {
                     self.send(ws, reply).await?;
                 }
                 None
             }
             ClientFrame::Publish { channel, data, id } => {
-                frames.with_label_values(&["publish"]).inc();
+                frames.with_label_values(&[frame_type::PUBLISH]).inc();
                 self.on_publish(&channel, data, id).await?
             }
             ClientFrame::Ping { id } => {
-                frames.with_label_values(&["ping"]).inc();
+                frames.with_label_values(&[frame_type::PING]).inc();
                 Some(protocol::pong_frame(id))
             }
             ClientFrame::Refresh { token, id } => {
-                frames.with_label_values(&["refresh"]).inc();
+                frames.with_label_values(&[frame_type::REFRESH]).inc();
                 Some(self.on_refresh(&token, id)?)
             }
         };
@@ -984,7 +1004,7 @@ impl Session {
                 Ok(()) => id.map(|id| protocol::published_frame(channel, Some(id))),
                 Err(e) => Some(protocol::error_frame(
                     "publish_failed",
-                    &e.to_string(),
+                    publish_failure(&e),
                     Some(channel),
                     id,
                 )),
@@ -1004,6 +1024,19 @@ impl Session {
         }
         for channel in std::mem::take(&mut self.channels) {
             self.remove_from_hub(&channel);
+        }
+    }
+}
+
+/// What a client is told when its publish failed, in the product's words: the bus error's own
+/// text comes from the Redis client or its pool and means nothing to a client.
+fn publish_failure(e: &BusError) -> &'static str {
+    match e {
+        BusError::Unavailable(_) => {
+            "not published: the message bus (Redis) is unavailable; try again later"
+        }
+        BusError::Timeout => {
+            "the message bus (Redis) did not answer in time; the message may not have been published"
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Channel names: the one validator every publishing path goes through.
 //!
-//! A channel name is 1–128 characters of `A-Z a-z 0-9 _ - . : @` (SPEC §2). The gateway has its
-//! own copy of this rule; the publisher checks it too so that it never publishes a message no
-//! client could subscribe to, and so that a bad name is a 400 rather than a silent no-op.
+//! A channel name is 1–128 characters of `A-Z a-z 0-9 _ - . : @` (docs/REFERENCE.md §2). The
+//! gateway has its own copy of this rule; the publisher checks it too so that it never publishes a
+//! message no client could subscribe to, and so that a bad name is a 400 rather than a silent
+//! no-op.
 
 use std::fmt;
 

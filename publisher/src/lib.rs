@@ -1,6 +1,6 @@
-//! The publisher: the producer side of the push gateway (SPEC §3). It emits ticks while it
-//! holds a Redis lease, takes alerts and publish requests over HTTP and the command line, and
-//! tails log files onto channels. Everything it sends goes through [`publish::Publisher`].
+//! The publisher: the producer side of the push gateway (docs/REFERENCE.md §3). It emits ticks
+//! while it holds a Redis lease, takes alerts and publish requests over HTTP and the command line,
+//! and tails log files onto channels. Everything it sends goes through [`publish::Publisher`].
 //!
 //! # Layout
 //!
@@ -10,8 +10,9 @@
 //! - [`pool`]: the Redis connection pool, its timeouts and readiness PING.
 //! - [`publish`]: turning messages into Redis traffic: stream append + publish, one script.
 //! - [`alert`]: the alert request and the alert message.
-//! - [`lease`]: leader election over a Redis lease.
-//! - [`tick`]: the aligned tick loop the leader runs.
+//! - [`lease`]: leader election over a Redis lease (the protocol is `gateway::lease`, shared
+//!   with gateways that tick on the same Redis).
+//! - [`tick`]: the aligned tick loop the leader runs (`gateway::ticker`'s, publishing here).
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`, `/readyz`.
 //! - [`tail`]: following a log file.
 //! - [`token`]: client tokens for the gateways (`publisher token`).
@@ -21,8 +22,9 @@
 //! # Invariants
 //!
 //! - Nothing is published that failed validation: requests are checked whole first.
-//! - Only a replica that holds the lease *right now* ticks, and each tick slot is published at
-//!   most once whatever the replicas believe (see [`tick`]).
+//! - Only a process that holds the lease *right now* ticks, and each tick slot is published at
+//!   most once whatever the processes believe (see [`tick`]); gateways that tick on the same
+//!   Redis are in the same lease.
 //! - No Redis operation waits without a deadline.
 //! - The publisher keeps no state that must survive a restart: the lease, the tick sequence
 //!   and the slot claims live in Redis.
@@ -56,7 +58,6 @@ use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::pool::RedisPool;
 use crate::publish::Publisher;
-use crate::tick::Ticker;
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +90,13 @@ pub async fn run(
         let id = uuid::Uuid::new_v4().to_string();
         let (leadership_tx, leadership_rx) = watch::channel(None);
         let lease = Lease::new(redis.clone(), id.clone(), config.lease_ttl());
-        tasks.spawn(lease.run(leadership_tx, metrics.clone(), shutdown.child_token()));
-        let ticker = Ticker::new(
+        let leader = metrics.leader.clone();
+        tasks.spawn(lease.run(
+            leadership_tx,
+            move |leading| leader.set(i64::from(leading)),
+            shutdown.child_token(),
+        ));
+        let ticker = tick::ticker(
             publisher.clone(),
             config.tick_channel(),
             config.tick_interval(),

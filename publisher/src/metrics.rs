@@ -1,4 +1,5 @@
-//! Prometheus metrics of one publisher process (names from SPEC §4) and their text rendering.
+//! Prometheus metrics of one publisher process (names from docs/REFERENCE.md §4) and their text
+//! rendering.
 //!
 //! Each [`Metrics`] owns its own registry, so several publishers can run in one test process
 //! without their counters mixing.

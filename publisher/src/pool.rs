@@ -121,18 +121,9 @@ impl RedisPool {
     }
 }
 
-/// Hides the user-info part of a URL: `redis://:secret@host:6379` → `redis://***@host:6379`.
-pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
-        None => url.to_owned(),
-    }
-}
+/// Hides the user-info part of a URL: `redis://:secret@host:6379` → `redis://***@host:6379`
+/// (the gateway's definition: both programs name their Redis the same way).
+pub use gateway::config::redact_url as redact;
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@
 //! Ticks, alerts, the HTTP API, the CLI and `tail` all publish through [`Publisher`], so how a
 //! message is stored and delivered is decided here alone.
 //!
-//! Every message goes through one Lua script ([`SCRIPT`]), atomically (SPEC §5):
+//! Every message goes through one Lua script ([`SCRIPT`]), atomically (docs/REFERENCE.md §5):
 //!
 //! 1. get-or-create the channel's epoch, `<prefix>history:{<channel>}:epoch` (a random
 //!    8-character id; it changes whenever the stream is lost, e.g. with a Redis restart

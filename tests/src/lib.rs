@@ -614,8 +614,17 @@ impl GatewayNode {
                 if let Ok(Some(_)) = node.child.try_wait() {
                     break; // Lost a port race, or bad config: try again with new ports.
                 }
-                if let Ok((200, _)) = http_get(node.port, "/healthz").await {
-                    return node;
+                // Both ports must be this node's: another test's process that won a port race
+                // would answer `/healthz` too.
+                if let (Ok((200, _)), Ok((200, metrics))) = (
+                    http_get(node.port, "/healthz").await,
+                    http_get(node.admin_port, "/metrics").await,
+                ) {
+                    if metrics.contains("gateway_connections")
+                        && node.child.try_wait().ok().flatten().is_none()
+                    {
+                        return node;
+                    }
                 }
                 assert!(Instant::now() < deadline, "gateway {name} did not start");
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -743,8 +752,12 @@ impl PublisherNode {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // Lost a port race: try again on another port.
                 }
-                if let Ok((200, _)) = http_get(port, "/healthz").await {
-                    return PublisherNode { port, child };
+                // The metrics name the program: another test's process that won the port race
+                // would answer `/healthz` too.
+                if let Ok((200, body)) = http_get(port, "/metrics").await {
+                    if body.contains("publisher_ticks_total") {
+                        return PublisherNode { port, child };
+                    }
                 }
                 assert!(Instant::now() < deadline, "publisher did not start");
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1035,6 +1048,25 @@ impl WsClient {
         }
     }
 
+    /// Read (skipping text frames) until the server's close frame: its code and reason.
+    pub async fn expect_close_frame(&mut self) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no close frame within {TIMEOUT:?}"));
+            match msg {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.as_str().to_owned());
+                }
+                Some(Ok(Message::Close(None))) | Some(Err(_)) | None => {
+                    panic!("the connection ended without a close frame")
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// A request/response round trip: send `frame`, return the next frame that is not a
     /// `message`.
     pub async fn request(&mut self, frame: Value) -> Value {
@@ -1076,6 +1108,37 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<(u16, String)> {
+    let response = http_exchange(port, method, path, headers, body).await?;
+    Ok((response.status, response.body))
+}
+
+/// An HTTP response with its headers (names lowercased, in order).
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// As [`http_request`], with the response's headers.
+pub async fn http_exchange(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpResponse> {
     let io = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
         let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
@@ -1114,15 +1177,25 @@ pub async fn http_request(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no status line"))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
         dechunk(body)
     } else {
         body.to_owned()
     };
-    Ok((status, body))
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Whether a response is whole without waiting for EOF: a 101 (the connection now belongs to

@@ -153,7 +153,8 @@ return {
     level: li.dataset.level,
     level_text: li.querySelector(".level")?.textContent ?? null,
     title: li.querySelector(".alert-title")?.textContent ?? null,
-    text: li.querySelector("p")?.textContent ?? null,
+    text: li.querySelector("p:not(.alert-hint)")?.textContent ?? null,
+    hint: li.querySelector(".alert-hint")?.textContent ?? null,
     all: li.textContent,
   })),
   chat: [...document.querySelectorAll('[data-testid="chat-item"]')].map((li) => ({
@@ -162,6 +163,10 @@ return {
     me: li.classList.contains("me"),
   })),
   logs: [...q("logs").querySelectorAll(".line")].map((s) => s.textContent),
+  notice: text("notice"),
+  // innerText: only what is shown (the hints for the other kind of bus are hidden).
+  alerts_hint: q("alerts-hint")?.innerText ?? null,
+  logs_hint: q("logs-hint")?.innerText ?? null,
   api: demo ? { state: demo.state(), node: demo.node(), room: demo.room(), received: demo.received() } : null,
   transitions: window.__transitions ?? [],
 };
@@ -295,14 +300,15 @@ fn slug(text: &str) -> String {
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Nodes that accept pages from any origin (a page served by one node connects to another)
-/// and tick on `ticks` every 500 ms, wall-clock aligned. With several nodes every node ticks:
-/// the duplicates carry the same `time`, so the clock still only moves forward.
+/// and tick on `ticks` every 500 ms, wall-clock aligned. With several nodes they share the
+/// tick lease: one ticks, and another takes over within a second when it dies.
 async fn cluster(nodes: usize) -> Cluster {
     Cluster::builder()
         .nodes(nodes)
         .env("GATEWAY__ORIGINS", "*")
         .env("GATEWAY__TICKS", "true")
         .env("GATEWAY__TICK_INTERVAL_MS", "500")
+        .env("GATEWAY__TICK_LEASE_TTL_MS", "1000")
         .start()
         .await
 }
@@ -346,6 +352,94 @@ fn alerts_titled<'a>(snap: &'a Value, title: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+// === an integrator's site ===
+
+/// A web server of another site: answers every request with `html`, on its own port, so the
+/// page's origin is not the gateway's. Stops when dropped.
+struct SiteServer {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SiteServer {
+    async fn start(html: String) -> SiteServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the site's port");
+        let port = listener.local_addr().unwrap().port();
+        let html: std::sync::Arc<str> = html.into();
+        let task = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let html = html.clone();
+                tokio::spawn(async move {
+                    // Read the request head, whatever it asks for (the page, a favicon).
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{html}",
+                        html.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        SiteServer { port, task }
+    }
+}
+
+impl Drop for SiteServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An integrator's page, as README's "Using the client from your own page" shows it: it
+/// imports `client.js` from the gateway at `127.0.0.1:<?gw=PORT>`, subscribes to `alerts`
+/// and records what happens in `window.__site` (a failed import included).
+const INTEGRATOR_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><title>another site</title>
+<script type="module">
+window.__site = { imported: null, welcome: null, alerts: [] };
+const gateway = "127.0.0.1:" + new URLSearchParams(location.search).get("gw");
+import(`http://${gateway}/client.js`).then(({ GatewayClient }) => {
+  window.__site.imported = true;
+  const client = new GatewayClient([`ws://${gateway}/ws`], { channels: ["alerts"] });
+  client.onWelcome((w) => { window.__site.welcome = w; });
+  client.on("alerts", (data) => { window.__site.alerts.push(data); });
+  client.connect();
+}, (err) => { window.__site.imported = String(err); });
+</script>"#;
+
+impl Browser {
+    /// Poll the integrator page's `window.__site` until `check` accepts it.
+    async fn wait_for_site<T>(&self, what: &str, mut check: impl FnMut(&Value) -> Option<T>) -> T {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let site = self
+                .client
+                .execute("return window.__site ?? null;", vec![])
+                .await
+                .unwrap_or_else(|e| panic!("{}: read window.__site: {e}", self.label));
+            if let Some(v) = check(&site) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {what}; the page has {site:#}",
+                self.label
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 // === the tests ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -359,6 +453,15 @@ async fn the_page_connects_and_its_clock_advances() {
 
     let snap = browser.wait_open_on(&node.name).await;
     assert_eq!(snap["api"]["state"], "open");
+    // A node with Redis: the hints name commands that work from a checkout.
+    let hint = snap["alerts_hint"].as_str().unwrap();
+    assert!(
+        hint.contains(r#"cargo run -p publisher -- alert --level warning "Disk 90% full""#),
+        "{hint:?}"
+    );
+    assert!(!hint.contains("without Redis"), "{hint:?}");
+    let hint = snap["logs_hint"].as_str().unwrap();
+    assert!(hint.contains("cargo run -p publisher -- tail "), "{hint:?}");
 
     let first = clock_after(&browser, None).await;
     let (t1, seq1) = (
@@ -421,21 +524,51 @@ async fn an_alert_from_redis_cli_appears_with_its_level() {
         "alert item text: {all:?}"
     );
 
-    // An unknown level falls back to info; a plain string is shown as the text.
+    assert_eq!(
+        alert["hint"],
+        Value::Null,
+        "a well-formed alert has no hint: {alert}"
+    );
+
+    // Malformed alerts are shown, marked as such with what is wrong, never as info: a plain
+    // string (shown as the text), an unknown level, a missing one.
     cluster.redis.cli(&["PUBLISH", "alerts", "plain words"]);
-    let plain = browser
-        .wait_for("the plain alert", |s| {
-            s["alerts"]
-                .as_array()?
-                .iter()
-                .find(|a| a["text"] == "plain words")
-                .cloned()
+    cluster.redis.cli(&[
+        "PUBLISH",
+        "alerts",
+        r#"{"level":"fatal","text":"unknown level"}"#,
+    ]);
+    cluster
+        .redis
+        .cli(&["PUBLISH", "alerts", r#"{"text":"no level at all"}"#]);
+    let find = |snap: &Value, text: &str| -> Option<Value> {
+        snap["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["text"] == text)
+            .cloned()
+    };
+    let snap = browser
+        .wait_for("the malformed alerts", |s| {
+            (s["alerts"].as_array()?.len() == 4).then(|| s.clone())
         })
         .await;
-    assert_eq!(plain["level"], "info");
+    for (text, badge, problem) in [
+        ("plain words", "unknown", "not a JSON object"),
+        ("unknown level", "fatal", "unknown level \"fatal\""),
+        ("no level at all", "unknown", "no level"),
+    ] {
+        let a = find(&snap, text).unwrap_or_else(|| panic!("{text} is shown: {snap:#}"));
+        assert_eq!(a["level"], "unknown", "{a}");
+        assert_eq!(a["level_text"], badge, "{a}");
+        let hint = a["hint"].as_str().unwrap_or_default();
+        assert!(
+            hint.contains(problem) && hint.contains("info, warning or critical"),
+            "{text}: {hint:?}"
+        );
+    }
     // Newest first; the first alert is still there, once.
-    let snap = browser.snapshot().await;
-    assert_eq!(snap["alerts"][0]["text"], "plain words");
+    assert_eq!(snap["alerts"][0]["text"], "no level at all");
     assert_eq!(alerts_titled(&snap, "Fire").len(), 1);
 }
 
@@ -547,7 +680,8 @@ async fn the_page_fails_over_to_another_node_on_kill_and_on_drain() {
             .any(|t| t["state"] == "reconnecting" && t["code"] != 1001),
         "a lost connection, not a drain: {transitions:?}"
     );
-    // It keeps working: the clock moves on (B ticks) and a new alert arrives.
+    // It keeps working: the clock moves on (a surviving node took over the tick lease) and a
+    // new alert arrives.
     let t = clock_iso(&snap).unwrap_or_default();
     clock_after(&browser, Some(&t)).await;
     cluster.redis.cli(&[
@@ -666,4 +800,141 @@ async fn screenshot_of_the_demo_page_with_clock_alert_chat_and_logs() {
     let path = save_artifact("demo.png", &png);
     assert!(Path::new(&path).exists());
     eprintln!("screenshot: {}", path.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_client_id_is_shown_on_the_page_and_not_retried() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster(1).await;
+    let node = &cluster.nodes[0];
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser("bad-client-id").await;
+    browser
+        .open(&page_url(node.port, "client_id=bad%20id"))
+        .await;
+
+    // `closed`, not `reconnecting`: the client library treats 4400 as final.
+    let snap = browser
+        .wait_for("the page to stop with 4400", |s| {
+            (s["state"] == "closed").then(|| s.clone())
+        })
+        .await;
+    let state = snap["state_text"].as_str().unwrap();
+    assert!(
+        state.contains("4400") && state.contains("bad client_id"),
+        "the state says why: {state:?}"
+    );
+    let notice = snap["notice"].as_str().unwrap();
+    assert!(
+        notice.contains("4400") && notice.contains("Check client_id"),
+        "the notice says what to do: {notice:?}"
+    );
+    let m = node.metrics().await;
+    assert_eq!(
+        m.get(r#"gateway_disconnects_total{reason="bad_request"}"#),
+        1.0,
+        "one attempt, no retries so far"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_site_imports_client_js_from_the_gateway_when_its_origin_is_allowed() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    // The site is http://localhost:S; the gateway is at 127.0.0.1:G, another origin (the host
+    // differs, not only the port), so the import is a cross-origin module fetch.
+    let site = SiteServer::start(INTEGRATOR_PAGE.to_owned()).await;
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env(
+            "GATEWAY__ORIGINS",
+            &format!("http://localhost:{}", site.port),
+        )
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    let driver = Chromedriver::start().await;
+
+    let browser = driver.browser("cors").await;
+    browser
+        .open(&format!("http://localhost:{}/?gw={}", site.port, node.port))
+        .await;
+    let welcome = browser
+        .wait_for_site("the welcome on the other site", |s| {
+            (s["imported"] == true && s["welcome"].is_object()).then(|| s["welcome"].clone())
+        })
+        .await;
+    assert_eq!(welcome["node"], node.name.as_str());
+    cluster.redis.cli(&[
+        "PUBLISH",
+        "alerts",
+        r#"{"level":"info","title":"Cross-site","text":"from the gateway"}"#,
+    ]);
+    let alert = browser
+        .wait_for_site("the alert on the other site", |s| {
+            s["alerts"].as_array()?.first().cloned()
+        })
+        .await;
+    assert_eq!(alert["title"], "Cross-site");
+
+    // A site that is not in `origins` cannot import the module: no CORS header.
+    let refused = driver.browser("cors-refused").await;
+    refused
+        .open(&format!("http://127.0.0.1:{}/?gw={}", site.port, node.port))
+        .await;
+    let error = refused
+        .wait_for_site("the refused import", |s| {
+            s["imported"].as_str().map(str::to_owned)
+        })
+        .await;
+    assert!(error.contains("Failed to fetch"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_origins_a_page_from_one_local_node_fails_over_to_the_other() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    // README's two local nodes, as configured there: no `origins`, so the default rule.
+    let mut cluster = Cluster::start(2).await;
+    let (a, b) = (cluster.nodes[0].port, cluster.nodes[1].port);
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser("local-failover").await;
+    // The page comes from node B and lists A first: its origin (B's port) differs from A's.
+    browser
+        .open(&page_url(b, &format!("ws={},{}", ws(a), ws(b))))
+        .await;
+    browser.wait_open_on(&names[0]).await;
+
+    cluster.nodes[0].kill();
+    browser.wait_open_on(&names[1]).await;
+    cluster.redis.cli(&[
+        "PUBLISH",
+        "alerts",
+        r#"{"level":"info","title":"Still here","text":"via node B"}"#,
+    ]);
+    browser
+        .wait_for("an alert after the failover", |s| {
+            alerts_titled(s, "Still here").first().cloned().cloned()
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_node_without_redis_the_page_ticks_and_suggests_no_command_that_cannot_work() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    // `cargo run -p gateway` alone: the memory bus, and the node ticks itself.
+    let node = tests::GatewayNode::start("gw-memory", &[]).await;
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser("memory-bus").await;
+    browser.open(&page_url(node.port, "")).await;
+    let snap = browser.wait_open_on(&node.name).await;
+    for key in ["alerts_hint", "logs_hint"] {
+        let hint = snap[key].as_str().unwrap();
+        assert!(hint.contains("without Redis"), "{key}: {hint:?}");
+        assert!(
+            !hint.contains("Try") && !hint.contains("docker compose"),
+            "{key}: no command to run against this node: {hint:?}"
+        );
+    }
+    let first = clock_after(&browser, None).await;
+    clock_after(&browser, clock_iso(&first).as_deref()).await;
 }

@@ -24,8 +24,8 @@ use tests::{
 
 const PUBLISHER_BIN: &str = env!("CARGO_BIN_EXE_publisher-node");
 
-/// The publisher metrics of SPEC §4 (stable names dashboards may use).
-const SPEC_PUBLISHER_METRICS: [&str; 5] = [
+/// The publisher metrics of docs/REFERENCE.md §4 (stable names dashboards may use).
+const STABLE_PUBLISHER_METRICS: [&str; 5] = [
     "publisher_ticks_total",
     "publisher_alerts_total",
     "publisher_published_total",
@@ -977,7 +977,7 @@ async fn grafana_dashboard_queries_only_existing_metrics() {
     let mut missing = Vec::new();
     for name in &names {
         let found = if name.starts_with("publisher_") {
-            SPEC_PUBLISHER_METRICS.contains(&name.as_str()) && exposes(&publisher_metrics, name)
+            STABLE_PUBLISHER_METRICS.contains(&name.as_str()) && exposes(&publisher_metrics, name)
         } else if name.starts_with("process_") {
             // The process panels select both jobs.
             exposes(&gateway_metrics, name) && exposes(&publisher_metrics, name)

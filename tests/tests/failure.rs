@@ -221,3 +221,43 @@ async fn a_node_with_no_redis_serves_ticks_and_the_seed_page_protocol() {
     // Metrics are on the admin port only.
     assert_eq!(tests::http_get(node.port, "/metrics").await.unwrap().0, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_while_redis_is_down_gets_publish_failed_in_the_products_words() {
+    let mut cluster = Cluster::builder()
+        .nodes(1)
+        .env("GATEWAY__REDIS__TIMEOUT_MS", "500")
+        .env("GATEWAY__REDIS__BACKOFF_MAX_MS", "300")
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    let (mut c, _) = WsClient::connect_welcomed(&node.ws_url("channels=chat:x")).await;
+    cluster.redis.kill();
+
+    let reply = c
+        .request(json!({"type": "publish", "channel": "chat:x", "data": {"t": 1}, "id": 1}))
+        .await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "publish_failed", "{reply}");
+    assert_eq!(reply["id"], 1);
+    assert_eq!(reply["channel"], "chat:x");
+    let message = reply["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("not published: the message bus (Redis) is unavailable")
+            || message.starts_with("the message bus (Redis) did not answer in time"),
+        "a message of the product's own: {message:?}"
+    );
+    // The session stays.
+    assert_eq!(
+        c.request(json!({"type": "ping", "id": 2})).await["type"],
+        "pong"
+    );
+
+    // Once Redis is back, publishing works again.
+    cluster.redis.restart();
+    node.await_ready(200).await;
+    let reply = c
+        .request(json!({"type": "publish", "channel": "chat:x", "data": {"t": 2}, "id": 3}))
+        .await;
+    assert_eq!(reply["type"], "published", "{reply}");
+}

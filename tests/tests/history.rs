@@ -1,6 +1,6 @@
-//! History and recovery (README "History and recovery"): the real publisher appends every message to a per-channel
-//! stream and publishes it with an offset; a client that comes back with `since` (at connect
-//! or on subscribe) gets exactly what it missed, in order, then the live stream, or
+//! History and recovery (docs/REFERENCE.md §5): the real publisher appends every message to a
+//! per-channel stream and publishes it with an offset; a client that comes back with `since` (at
+//! connect or on subscribe) gets exactly what it missed, in order, then the live stream, or
 //! `history_gone` when the offset can no longer be resumed from.
 
 use std::process::Stdio;

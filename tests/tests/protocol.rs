@@ -82,6 +82,44 @@ async fn malformed_and_forbidden_frames_get_error_frames_and_the_session_stays()
     assert!(m.get(r#"gateway_client_frames_total{type="ping"}"#) >= 1.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_connect_parameters_are_closed_4400_after_the_upgrade() {
+    let cluster = Cluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let long = "x".repeat(124);
+    let cases = [
+        ("client_id=bad%20id&channels=alerts", "bad client_id: "),
+        ("Id=a/b&channels=alerts", "bad client_id: "),
+        (
+            &*format!("client_id={long}&channels=alerts"),
+            "bad client_id: ",
+        ),
+        (
+            "client_id=a&client_id=b&channels=alerts",
+            "bad query string: ",
+        ),
+    ];
+    for (query, reason) in cases {
+        // The upgrade succeeds, so that a browser can read the close code and its reason.
+        let mut c = WsClient::connect(&node.ws_url(query)).await;
+        let (code, why) = c.expect_close_frame().await;
+        assert_eq!(code, 4400, "{query}");
+        assert!(why.starts_with(reason), "{query}: {why:?}");
+        assert!(!why.contains("Failed to deserialize"), "{query}: {why:?}");
+    }
+    let m = node.metrics().await;
+    assert_eq!(
+        m.get(r#"gateway_disconnects_total{reason="bad_request"}"#),
+        cases.len() as f64
+    );
+    // Refused before any subscription.
+    assert_eq!(m.get("gateway_subscriptions"), 0.0);
+    assert_eq!(cluster.redis.numsub("alerts"), 0);
+    // A good client id on the same node is welcomed.
+    let (_c, welcome) = WsClient::connect_welcomed(&node.ws_url("client_id=a.b-c_d:e@f")).await;
+    assert_eq!(welcome["client_id"], "a.b-c_d:e@f");
+}
+
 /// Send one frame on a fresh connection and return the close code it earns.
 async fn close_code_for(url: &str, msg: Message) -> Option<u16> {
     let (mut c, _) = WsClient::connect_welcomed(url).await;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tests::{
-    eventually, free_port, http_get, publisher_command, redis, Cluster, PublisherNode, RedisServer,
-    TempDir, WsClient, TIMEOUT,
+    eventually, free_port, http_get, publisher_command, redis, Cluster, GatewayNode, PublisherNode,
+    RedisServer, TempDir, WsClient, TIMEOUT,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
@@ -100,7 +100,8 @@ impl Subscriber {
             while let Some(message) = messages.next().await {
                 let channel = message.get_channel_name().to_owned();
                 let payload = String::from_utf8_lossy(message.get_payload_bytes()).into_owned();
-                // The publisher's envelope (SPEC §5): NUL, the offset, a newline, the payload.
+                // The publisher's envelope (docs/REFERENCE.md §5): NUL, the offset, a newline, the
+                // payload.
                 let payload = match payload.strip_prefix('\0').and_then(|e| e.split_once('\n')) {
                     Some((offset, payload)) if offset.contains(':') => payload.to_owned(),
                     _ => panic!("publisher message without an offset envelope: {payload:?}"),
@@ -284,6 +285,98 @@ async fn a_killed_leader_is_replaced_within_the_lease_ttl_without_a_slot_twice()
         );
     }
     assert!(nodes[1 - leader].is_leader().await);
+}
+
+/// A tick as a WebSocket client receives it: (unix_ms, seq, from the publisher). The
+/// publisher's ticks carry a history offset; a gateway's are live-only.
+async fn next_client_tick(client: &mut WsClient) -> (u64, u64, bool) {
+    let frame = client.until_message("ticks").await;
+    let (slot, seq) = tick_fields(&frame["data"]);
+    (slot, seq, frame.get("offset").is_some())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticking_gateway_and_publishers_share_the_lease_so_each_tick_arrives_once() {
+    // README's order: a gateway that ticks on Redis, then a publisher on the same Redis.
+    let redis = RedisServer::start();
+    let gateway_env = |ticks: &str| {
+        vec![
+            ("GATEWAY__REDIS__URL".to_owned(), redis.url()),
+            ("GATEWAY__TICKS".to_owned(), ticks.to_owned()),
+            (
+                "GATEWAY__TICK_INTERVAL_MS".to_owned(),
+                INTERVAL_MS.to_string(),
+            ),
+            (
+                "GATEWAY__TICK_LEASE_TTL_MS".to_owned(),
+                LEASE_MS.to_string(),
+            ),
+        ]
+    };
+    let mut ticker = GatewayNode::start("gw-ticks", &gateway_env("true")).await;
+    let edge = GatewayNode::start("gw-edge", &gateway_env("false")).await;
+    edge.await_ready(200).await;
+    let (mut client, _) = WsClient::connect_welcomed(&edge.ws_url("channels=ticks")).await;
+    let mut ticks = Vec::new();
+    // The gateway ticks (live-only ticks: no offset).
+    while ticks.len() < 3 {
+        ticks.push(next_client_tick(&mut client).await);
+    }
+    assert!(
+        ticks.iter().all(|t| !t.2),
+        "the gateway ticks alone: {ticks:?}"
+    );
+
+    // A publisher joins: the gateway holds the lease, so the publisher does not tick.
+    let mut publisher = PublisherNode::start(&redis, &[]).await;
+    for _ in 0..10 {
+        ticks.push(next_client_tick(&mut client).await);
+    }
+    assert!(!publisher.is_leader().await, "the gateway keeps the lease");
+    let m = publisher.metrics().await;
+    assert_eq!(m.get("publisher_ticks_total"), 0.0, "{ticks:?}");
+    assert!(
+        ticks.iter().all(|t| !t.2),
+        "one ticker, the gateway: {ticks:?}"
+    );
+
+    // The gateway dies: the publisher takes over within the lease TTL, seq continuing.
+    ticker.kill();
+    loop {
+        let tick = next_client_tick(&mut client).await;
+        ticks.push(tick);
+        if tick.2 {
+            break;
+        }
+    }
+    for _ in 0..5 {
+        ticks.push(next_client_tick(&mut client).await);
+    }
+    assert!(publisher.is_leader().await);
+
+    // A ticking gateway that starts while the publisher leads does not tick either.
+    let _late = GatewayNode::start("gw-late", &gateway_env("true")).await;
+    for _ in 0..10 {
+        ticks.push(next_client_tick(&mut client).await);
+    }
+    let last = &ticks[ticks.len() - 10..];
+    assert!(
+        last.iter().all(|t| t.2),
+        "one ticker, the publisher: {last:?}"
+    );
+
+    // What the client saw, across both handovers: each slot once, in order, and one `seq`
+    // counter, growing by one except where the killed gateway's last claim went unsent.
+    for pair in ticks.windows(2) {
+        let ((slot_a, seq_a, _), (slot_b, seq_b, _)) = (pair[0], pair[1]);
+        assert!(slot_b > slot_a, "slot {slot_b} after {slot_a}: {ticks:?}");
+        assert!(seq_b > seq_a, "seq {seq_b} after {seq_a}: {ticks:?}");
+        if pair[0].2 == pair[1].2 {
+            assert_eq!(seq_b, seq_a + 1, "one ticker, one counter: {ticks:?}");
+        }
+    }
+    publisher.sigterm();
+    assert!(publisher.wait_exit(TIMEOUT).await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

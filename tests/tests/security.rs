@@ -178,6 +178,99 @@ async fn connections_without_a_valid_token_are_closed_4401_before_anything() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_works_for_secrets_with_commas_given_as_a_json_array() {
+    // SECRET has commas and is the current `auth.secret`; after a rotation it is an old one,
+    // kept in `auth.secrets` next to another, which a comma-separated list could not hold.
+    let newest = "the-newest-secret-0123456789abcdef0123";
+    let secrets = serde_json::to_string(&[SECRET, OLD_SECRET]).unwrap();
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env("GATEWAY__AUTH__SECRET", newest)
+        .env("GATEWAY__AUTH__SECRETS", &secrets)
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    let hour = now() + 3600;
+    for (secret, sub) in [(newest, "new"), (SECRET, "commas"), (OLD_SECRET, "old")] {
+        let token = sign(secret, Algorithm::HS256, json!({"sub": sub, "exp": hour}));
+        let (_c, welcome) =
+            WsClient::connect_welcomed(&node.ws_url(&format!("token={token}"))).await;
+        assert_eq!(welcome["client_id"], sub);
+    }
+    // A piece of the comma secret is not a secret of its own.
+    let piece = sign(
+        "test-secret",
+        Algorithm::HS256,
+        json!({"sub": "x", "exp": hour}),
+    );
+    match first(&node.ws_url(&format!("token={piece}")), &[]).await {
+        Received::Closed(code) => assert_eq!(code, Some(4401)),
+        Received::Frame(f) => panic!("a piece of a secret verified: {f}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_reasons_say_what_happened_in_the_same_words_wherever_it_happened() {
+    let cluster = auth_cluster(&[
+        ("GATEWAY__HEARTBEAT__PING_INTERVAL_MS", "200"),
+        ("GATEWAY__HEARTBEAT__PING_TIMEOUT_MS", "20000"),
+    ])
+    .await;
+    let node = &cluster.nodes[0];
+    let reason_for = |query: String| async move {
+        let mut c = WsClient::connect(&node.ws_url(&query)).await;
+        c.expect_close_frame().await
+    };
+    let expired = sign(
+        SECRET,
+        Algorithm::HS256,
+        json!({"sub": "1", "exp": now() - 5}),
+    );
+    assert_eq!(
+        reason_for(format!("token={expired}")).await,
+        (4401, "token expired".to_owned())
+    );
+    assert_eq!(
+        reason_for("token=abc".into()).await,
+        (
+            4401,
+            "bad token: not a JWT (header.claims.signature, base64url)".to_owned()
+        )
+    );
+    let (code, why) = reason_for(String::new()).await;
+    assert_eq!(code, 4401);
+    assert!(why.starts_with("a token is required"), "{why:?}");
+
+    // A session whose token expires is closed in the same words as a refused expired token.
+    let soon = sign(
+        SECRET,
+        Algorithm::HS256,
+        json!({"sub": "2", "exp": now() + 1}),
+    );
+    let (mut lapsing, _) = WsClient::connect_welcomed(&node.ws_url(&format!("token={soon}"))).await;
+    assert_eq!(
+        lapsing.expect_close_frame().await,
+        (4401, "token expired".to_owned())
+    );
+
+    // Session ends other than auth: words too, not metric labels.
+    let (mut binary, _) =
+        WsClient::connect_welcomed(&node.ws_url(&format!("token={}", token("3", json!({}))))).await;
+    binary
+        .send(tokio_tungstenite::tungstenite::Message::binary(vec![
+            1, 2, 3,
+        ]))
+        .await;
+    assert_eq!(
+        binary.expect_close_frame().await,
+        (
+            1003,
+            "binary frames are not part of this protocol".to_owned()
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_claims_limit_subscriptions_and_publishes() {
     let cluster = auth_cluster(&[]).await;
     let node = &cluster.nodes[0];

@@ -1,6 +1,6 @@
 //! The channels this node wants from Redis, each with its subscription phase and its position
 //! in the channel's history: the state that makes a resubscribe lose nothing and repeat
-//! nothing (README "History and recovery").
+//! nothing (docs/REFERENCE.md §5).
 //!
 //! A channel is *pending* until SUBSCRIBE is confirmed on the current connection, then *live*,
 //! or first *catching up* when sessions were already told `subscribed` on an earlier

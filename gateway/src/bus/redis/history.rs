@@ -1,4 +1,4 @@
-//! Reading channel histories (README "History and recovery"): one Lua script that reads, in one
+//! Reading channel histories (docs/REFERENCE.md §5): one Lua script that reads, in one
 //! atomic step, a channel's epoch, the id of its newest entry, whether entries were ever
 //! trimmed, and the entries after a position, within a byte budget. [`judge`] turns what it
 //! read into a replay or a `history_gone`, and into the position the reader stands at

@@ -8,7 +8,7 @@
 //!   it, so they never stall its PINGs or new subscriptions.
 //! - [`history`]: the history read script and what a read means (replay or `history_gone`).
 //!
-//! Messages from the publisher arrive in an envelope (README "History and recovery"): a NUL
+//! Messages from the publisher arrive in an envelope (docs/REFERENCE.md §5): a NUL
 //! byte, the offset `<epoch>:<stream id>`, `\n`, then the payload. The reader splits it and hands
 //! the offset on; any other payload (a plain `PUBLISH`, or a malformed envelope) is live-only
 //! and has no offset. Payloads starting with NUL are therefore reserved.

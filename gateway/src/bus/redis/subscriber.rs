@@ -6,7 +6,7 @@
 //! through the command pool, so those reads never stall the subscriber's PINGs or new
 //! subscriptions.
 //!
-//! Failure handling (README "Operations"): a connection that errors, ends, or does not answer
+//! Failure handling (docs/REFERENCE.md §4): a connection that errors, ends, or does not answer
 //! a SUBSCRIBE, UNSUBSCRIBE or periodic PING within `redis.timeout_ms` is given up. Giving up
 //! ends its reader first (dropping the message stream aborts redis-rs's driver, which closes
 //! the socket), so a connection declared dead can never deliver again, even if its network
@@ -53,6 +53,11 @@ impl Subscriber {
         Duration::from_millis(self.config.timeout_ms)
     }
 
+    /// The Redis URL for log lines, without its password.
+    fn redacted_url(&self) -> String {
+        crate::config::redact_url(self.config.url.as_deref().unwrap_or_default())
+    }
+
     pub async fn run(self, shutdown: CancellationToken) {
         let mut attempt: u32 = 0;
         let mut ever_connected = false;
@@ -64,14 +69,14 @@ impl Subscriber {
             let pubsub = match connected {
                 Ok(Ok(pubsub)) => pubsub,
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, attempt, "redis pub/sub connect failed");
+                    tracing::warn!(redis = %self.redacted_url(), error = %e, attempt, "redis pub/sub connect failed");
                     if self.backoff(&mut attempt, &shutdown).await.is_err() {
                         return;
                     }
                     continue;
                 }
                 Err(_) => {
-                    tracing::warn!(attempt, "redis pub/sub connect timed out");
+                    tracing::warn!(redis = %self.redacted_url(), attempt, "redis pub/sub connect timed out");
                     if self.backoff(&mut attempt, &shutdown).await.is_err() {
                         return;
                     }
