@@ -61,9 +61,9 @@ impl Bus {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Bus {
-        match &config.redis.url {
-            None => Bus::Memory(Arc::new(memory::MemoryBus::new(hub, metrics))),
-            Some(_) => Bus::Redis(redis::RedisBus::start(
+        match config.redis.enabled() {
+            false => Bus::Memory(Arc::new(memory::MemoryBus::new(hub, metrics))),
+            true => Bus::Redis(redis::RedisBus::start(
                 &config.redis,
                 config.history.max_replay,
                 hub,

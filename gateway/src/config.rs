@@ -18,6 +18,7 @@ const LIST_KEYS: &[&str] = &[
     "client_publish",
     "default_channels",
     "auth.secrets",
+    "redis.cluster_nodes",
 ];
 
 /// A list key's environment value: a JSON array of strings when it starts with `[` (so that
@@ -108,8 +109,13 @@ impl Default for HistoryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://…`; unset = the in-process memory bus (single node).
+    /// `redis://…`; unset = the in-process memory bus (single node), unless `cluster_nodes`.
     pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (list key); non-empty = cluster mode, with sharded
+    /// pub/sub (docs/REFERENCE.md §7). Exclusive with `url`.
+    pub cluster_nodes: Vec<String>,
+    /// Where a cluster-mode node SSUBSCRIBEs: each shard's primary or one of its replicas.
+    pub read_from: ReadFrom,
     /// Prefix prepended to every Redis channel name.
     pub prefix: String,
     /// Size of the command pool (client publishes).
@@ -125,6 +131,25 @@ pub struct RedisConfig {
     pub unsubscribe_delay_ms: u64,
     /// Channels per SUBSCRIBE when resubscribing after a reconnect.
     pub resubscribe_batch: usize,
+}
+
+/// `redis.read_from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadFrom {
+    Primary,
+    Replica,
+}
+
+impl RedisConfig {
+    /// Whether the node uses Redis at all (standalone or cluster), rather than the memory bus.
+    pub fn enabled(&self) -> bool {
+        self.url.is_some() || self.is_cluster()
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
 }
 
 /// Client authentication (`auth.rs`). No key configured = auth off.
@@ -217,6 +242,8 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            cluster_nodes: Vec::new(),
+            read_from: ReadFrom::Primary,
             prefix: String::new(),
             pool_size: 16,
             ping_interval_ms: 3000,
@@ -307,18 +334,37 @@ impl Config {
                 return Err(invalid("node_name", "must be 1-128 characters"));
             }
         }
+        if self.redis.url.is_some() && self.redis.is_cluster() {
+            return Err(invalid(
+                "redis.cluster_nodes",
+                "set either redis.url (one Redis) or redis.cluster_nodes (a Redis Cluster), not both",
+            ));
+        }
         if let Some(url) = &self.redis.url {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("unix://"))
-            {
+            redis_url("redis.url", url)?;
+        }
+        for url in &self.redis.cluster_nodes {
+            if url.starts_with("unix://") {
                 return Err(invalid(
-                    "redis.url",
-                    format!("`{url}` is not a redis:// URL"),
+                    "redis.cluster_nodes",
+                    format!("`{url}`: cluster nodes are reached over TCP"),
                 ));
             }
-            deadpool_redis::redis::Client::open(url.as_str())
-                .map_err(|e| invalid("redis.url", e.to_string()))?;
+            redis_url("redis.cluster_nodes", url)?;
+        }
+        if self.redis.read_from == ReadFrom::Replica {
+            // The redis crate's cluster client sends SSUBSCRIBE to the primary whatever its
+            // read routing; subscribing on replicas needs routing the crate does not offer yet.
+            return Err(invalid(
+                "redis.read_from",
+                "`replica` is not supported yet: the node subscribes on each shard's primary",
+            ));
+        }
+        if self.redis.is_cluster() && self.ticks == Some(true) {
+            return Err(invalid(
+                "ticks",
+                "a gateway does not tick on a Redis Cluster; let the publisher tick",
+            ));
         }
         if self.redis.prefix.len() > 64 {
             return Err(invalid("redis.prefix", "must be at most 64 characters"));
@@ -439,7 +485,7 @@ impl Config {
 
     /// Whether this node emits ticks itself.
     pub fn ticks_enabled(&self) -> bool {
-        self.ticks.unwrap_or(self.redis.url.is_none())
+        self.ticks.unwrap_or(!self.redis.enabled())
     }
 
     pub fn ping_interval(&self) -> Duration {
@@ -467,6 +513,17 @@ pub fn redact_url(url: &str) -> String {
         Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
         None => url.to_owned(),
     }
+}
+
+/// A `redis://` (or `rediss://`, `unix://`) URL the redis crate accepts.
+fn redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+    {
+        return Err(invalid(key, format!("`{url}` is not a redis:// URL")));
+    }
+    deadpool_redis::redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| invalid(key, e.to_string()))
 }
 
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {

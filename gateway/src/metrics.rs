@@ -23,6 +23,10 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     pub redis_connected: IntGauge,
     pub redis_reconnects: IntCounter,
+    /// Cluster mode: shard connections up.
+    pub redis_shards: IntGauge,
+    /// Cluster mode: channel subscriptions made again, by `resubscribe_reason`.
+    pub redis_resubscribes: IntCounterVec,
 }
 
 /// Values of the `reason` label of `gateway_disconnects_total`.
@@ -84,6 +88,12 @@ pub mod frame_type {
     pub const ALL: [&str; 6] = [SUBSCRIBE, UNSUBSCRIBE, PUBLISH, PING, REFRESH, INVALID];
 }
 
+/// `gateway_redis_resubscribes_total{reason}` values: after the node's own reconnect, after a
+/// shard's connection dropped (a failover, a restart), after the server moved a slot.
+pub mod resubscribe_reason {
+    pub const ALL: [&str; 3] = ["reconnect", "failover", "moved"];
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
@@ -130,6 +140,19 @@ impl Metrics {
                 .unwrap(),
             redis_reconnects: IntCounter::new("gateway_redis_reconnects_total", "Redis pub/sub reconnections")
                 .unwrap(),
+            redis_shards: IntGauge::new(
+                "gateway_redis_shards",
+                "Redis Cluster mode: shard pub/sub connections up",
+            )
+            .unwrap(),
+            redis_resubscribes: IntCounterVec::new(
+                Opts::new(
+                    "gateway_redis_resubscribes_total",
+                    "Redis Cluster mode: channel subscriptions made again, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -145,6 +168,8 @@ impl Metrics {
             Box::new(m.delivery_latency.clone()),
             Box::new(m.redis_connected.clone()),
             Box::new(m.redis_reconnects.clone()),
+            Box::new(m.redis_shards.clone()),
+            Box::new(m.redis_resubscribes.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -160,6 +185,9 @@ impl Metrics {
         }
         for t in frame_type::ALL {
             m.client_frames.with_label_values(&[t]);
+        }
+        for r in resubscribe_reason::ALL {
+            m.redis_resubscribes.with_label_values(&[r]);
         }
         m
     }

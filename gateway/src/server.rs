@@ -236,7 +236,7 @@ pub async fn run(
         node = %node.node_name,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        bus = if node.config.redis.url.is_some() { "redis" } else { "memory" },
+        bus = if node.config.redis.is_cluster() { "redis cluster" } else if node.config.redis.enabled() { "redis" } else { "memory" },
         redis = %node.config.redis.url.as_deref().map_or_else(|| "none".into(), crate::config::redact_url),
         auth = node.verifier.is_some(),
         "gateway serving"
@@ -397,9 +397,9 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
 /// can work against it (nothing outside a memory-bus node can publish to it).
 fn index_page(config: &Config) -> String {
     let page = include_str!("../assets/index.html");
-    match config.redis.url {
-        Some(_) => page.to_owned(),
-        None => page.replacen(
+    match config.redis.enabled() {
+        true => page.to_owned(),
+        false => page.replacen(
             r#"<body data-bus="redis">"#,
             r#"<body data-bus="memory">"#,
             1,

@@ -338,7 +338,8 @@ impl RedisServer {
         self.spawn();
     }
 
-    fn cli_try(&self, args: &[&str]) -> Option<String> {
+    /// As [`RedisServer::cli`], None when it fails.
+    pub fn cli_try(&self, args: &[&str]) -> Option<String> {
         let out = self
             .command("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
@@ -418,6 +419,11 @@ impl RedisCluster {
                     Self::NODE_TIMEOUT.as_millis().to_string(),
                     "--cluster-port".to_owned(),
                     free_port().to_string(),
+                    // A replica may take over however long it was cut off from its primary
+                    // (the default refuses one that was disconnected "too long", e.g. still
+                    // syncing right after the cluster was created).
+                    "--cluster-replica-validity-factor".to_owned(),
+                    "0".to_owned(),
                 ];
                 RedisServer::start_full(None, extra.to_vec())
             })
@@ -439,14 +445,19 @@ impl RedisCluster {
         cluster
     }
 
-    /// Wait until every live node says `cluster_state:ok` and knows every other.
+    /// Wait until every live node says `cluster_state:ok` and knows every other, and every
+    /// replica is in sync with its primary.
     pub fn await_healthy(&self) {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let healthy = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-                n.cli_try(&["CLUSTER", "INFO"]).is_some_and(|info| {
+                let clustered = n.cli_try(&["CLUSTER", "INFO"]).is_some_and(|info| {
                     info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")
-                })
+                });
+                let synced = n.cli_try(&["INFO", "replication"]).is_some_and(|info| {
+                    info.contains("role:master") || info.contains("master_link_status:up")
+                });
+                clustered && synced
             });
             if healthy {
                 return;

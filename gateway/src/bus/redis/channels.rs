@@ -64,6 +64,8 @@ struct Extra {
     held: Vec<(Option<String>, Vec<u8>)>,
     /// More arrived than `held` keeps: those with an offset will be read from history.
     overflow: bool,
+    /// Subscribed again while catching up (a cluster resubscribed it): read once more after.
+    again: bool,
     /// A baseline read while subscribed, and how many PINGs had been sent when it was read: it
     /// counts once a later PING is answered.
     provisional: Option<(Position, u64)>,
@@ -88,7 +90,12 @@ impl Chan {
     /// Drop `extra` once it holds nothing.
     fn tidy(&mut self) {
         if let Some(e) = &self.extra {
-            if e.waiters.is_empty() && e.held.is_empty() && !e.overflow && e.provisional.is_none() {
+            if e.waiters.is_empty()
+                && e.held.is_empty()
+                && !e.overflow
+                && !e.again
+                && e.provisional.is_none()
+            {
                 self.extra = None;
             }
         }
@@ -209,6 +216,11 @@ impl Channels {
         let (tx, rx) = oneshot::channel();
         chan.extra().waiters.push(tx);
         Some(rx)
+    }
+
+    /// How many channels the node wants.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
     }
 
     /// Connected, and every wanted channel live.
@@ -484,6 +496,7 @@ impl Channels {
             waiters,
             held,
             overflow,
+            again,
             ..
         } = *extra;
         for (offset, payload) in held {
@@ -501,8 +514,9 @@ impl Channels {
                 chan.position.advance(o);
             }
         }
-        if overflow {
-            // What did not fit was dropped; read it from where the hub now stands.
+        if overflow || again {
+            // What did not fit was dropped, or the subscription was replaced meanwhile: read
+            // from where the hub now stands.
             chan.extra().waiters = waiters;
             return Some(ReadRequest {
                 channel: channel.to_owned(),
@@ -521,6 +535,118 @@ impl Channels {
             let _ = waiter.send(Live(at.clone()));
         }
         None
+    }
+
+    // --- a cluster's pushes (docs/REFERENCE.md §7) ---
+
+    /// The server confirmed a subscription of `channel` on connection `conn`: ours, or one the
+    /// cluster client made by itself after a reconnect or a failover. A channel that was live
+    /// may have missed messages meanwhile: it is caught up again.
+    pub fn on_subscribed(&self, conn: u64, channel: &str, max_replay: usize) -> Reads {
+        let mut state = self.lock();
+        if state.conn != conn {
+            return Reads::default();
+        }
+        let Some(chan) = state.map.get_mut(channel) else {
+            return Reads::default();
+        };
+        match chan.phase {
+            Phase::Pending => {
+                chan.sent = true;
+                drop(state);
+                self.confirmed(conn, &[channel.to_owned()], max_replay)
+            }
+            Phase::Live => {
+                chan.phase = Phase::CatchingUp;
+                state.not_live += 1;
+                let chan = state.map.get(channel).expect("just found");
+                Reads {
+                    baselines: Vec::new(),
+                    catch_ups: vec![ReadRequest {
+                        channel: channel.to_owned(),
+                        from: chan.position.clone(),
+                        limit: max_replay,
+                        budget: CATCH_UP_BUDGET,
+                    }],
+                }
+            }
+            Phase::CatchingUp => {
+                chan.extra().again = true;
+                Reads::default()
+            }
+        }
+    }
+
+    /// The server ended the subscription of `channel` by itself (its slot moved to another
+    /// shard): it needs a SUBSCRIBE again, at the new owner, then a catch-up.
+    pub fn moved(&self, conn: u64, channel: &str) -> bool {
+        let mut state = self.lock();
+        if state.conn != conn {
+            return false;
+        }
+        let Some(chan) = state.map.get_mut(channel) else {
+            // Ours: released and forgotten before the SUNSUBSCRIBE was confirmed.
+            return false;
+        };
+        let was_live = chan.phase == Phase::Live;
+        let was_subscribed = chan.phase != Phase::Pending;
+        chan.phase = Phase::Pending;
+        chan.sent = false;
+        if was_live {
+            state.not_live += 1;
+        }
+        if was_subscribed {
+            state.subscribed = state.subscribed.saturating_sub(1);
+        }
+        state.unsent.push(channel.into());
+        self.metrics.channels.set(state.subscribed as i64);
+        true
+    }
+
+    /// A connection of the cluster client dropped (which node is not said): every channel is
+    /// subscribed again, and caught up, wherever it lives now.
+    pub fn suspect_all(&self, conn: u64) {
+        let mut state = self.lock();
+        if state.conn != conn {
+            return;
+        }
+        let State {
+            map,
+            unsent,
+            not_live,
+            subscribed,
+            provisional,
+            ..
+        } = &mut *state;
+        unsent.clear();
+        provisional.clear();
+        for (name, chan) in map.iter_mut() {
+            chan.phase = Phase::Pending;
+            chan.sent = false;
+            if let Some(extra) = &mut chan.extra {
+                extra.provisional = None;
+            }
+            unsent.push(name.clone());
+        }
+        *not_live = map.len();
+        *subscribed = 0;
+        self.metrics.channels.set(0);
+    }
+
+    /// SUBSCRIBE of these channels failed (their shard is unreachable): try again later.
+    pub fn unsent_again(&self, conn: u64, channels: &[String]) {
+        let mut state = self.lock();
+        if state.conn != conn {
+            return;
+        }
+        for channel in channels {
+            if let Some(chan) = state.map.get_mut(channel.as_str()) {
+                if chan.phase == Phase::Pending && chan.sent {
+                    chan.sent = false;
+                    state.unsent.push(channel.as_str().into());
+                }
+            }
+        }
     }
 
     /// Forget channels whose release is due and that nobody wants again; returns those

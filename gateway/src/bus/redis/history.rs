@@ -13,6 +13,7 @@ use std::time::Duration;
 use deadpool_redis::redis;
 use tokio::time::timeout;
 
+use super::commands::{Commands, ScriptCall};
 use crate::bus::BusError;
 use crate::protocol::{self, Offset};
 
@@ -122,11 +123,12 @@ struct Snapshot {
     over_budget: bool,
 }
 
-/// Read several channels in one pipeline. The outer error is the round trip failing (Redis
-/// unreachable, timeout); an inner one is a channel whose history cannot be read (e.g. its key
-/// holds another type), which its reader treats as gone.
+/// Read several channels: one pipeline on a single Redis, concurrent calls on a cluster (each
+/// routed to its channel's shard). The outer error is Redis not answering (unreachable,
+/// timeout); an inner one is a channel whose history cannot be read (e.g. its key holds another
+/// type, or the node may not run scripts), which its reader treats as gone.
 pub async fn read(
-    pool: &deadpool_redis::Pool,
+    commands: &Commands,
     prefix: &str,
     op_timeout: Duration,
     requests: &[ReadRequest],
@@ -134,52 +136,36 @@ pub async fn read(
     if requests.is_empty() {
         return Ok(Vec::new());
     }
-    let script = redis::Script::new(READ_SCRIPT);
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    pipe.cmd("SCRIPT").arg("LOAD").arg(READ_SCRIPT).ignore();
-    for request in requests {
-        let stream = protocol::history_key(prefix, &request.channel);
-        let (start, count) = match &request.from {
-            Position::At(offset) if request.limit > 0 => {
-                (offset.stream_id(), request.limit.saturating_add(2))
+    let calls: Vec<ScriptCall> = requests
+        .iter()
+        .map(|request| {
+            let stream = protocol::history_key(prefix, &request.channel);
+            let (start, count) = match &request.from {
+                Position::At(offset) if request.limit > 0 => {
+                    (offset.stream_id(), request.limit.saturating_add(2))
+                }
+                Position::Empty if request.limit > 0 => ("-".to_owned(), request.limit + 1),
+                _ => ("-".to_owned(), 0),
+            };
+            ScriptCall {
+                keys: vec![stream.clone(), format!("{stream}:epoch")],
+                args: vec![start, count.to_string(), request.budget.to_string()],
             }
-            Position::Empty if request.limit > 0 => ("-".to_owned(), request.limit + 1),
-            _ => ("-".to_owned(), 0),
-        };
-        pipe.cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(2)
-            .arg(&stream)
-            .arg(format!("{stream}:epoch"))
-            .arg(start)
-            .arg(count)
-            .arg(request.budget);
-    }
-    let query = async {
-        let mut conn = pool
-            .get()
-            .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        pipe.query_async::<Vec<redis::Value>>(&mut conn)
-            .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))
-    };
-    let replies = match timeout(op_timeout, query).await {
+        })
+        .collect();
+    let replies = match timeout(op_timeout, commands.eval_all(READ_SCRIPT, &calls)).await {
         Ok(replies) => replies?,
         Err(_) => return Err(BusError::Timeout),
     };
-    if replies.len() != requests.len() {
-        return Err(BusError::Unavailable("unexpected pipeline reply".into()));
-    }
     Ok(requests
         .iter()
         .zip(replies)
-        .map(|(request, reply)| match reply {
-            redis::Value::ServerError(e) => Err(e.to_string()),
-            reply => parse(reply)
-                .map(|snapshot| judge(&request.from, snapshot, request.limit))
-                .ok_or_else(|| "unexpected reply from the history script".to_owned()),
+        .map(|(request, reply)| {
+            reply.and_then(|reply| {
+                parse(reply)
+                    .map(|snapshot| judge(&request.from, snapshot, request.limit))
+                    .ok_or_else(|| "unexpected reply from the history script".to_owned())
+            })
         })
         .collect())
 }

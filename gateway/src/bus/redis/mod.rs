@@ -14,6 +14,8 @@
 //! and has no offset. Payloads starting with NUL are therefore reserved.
 
 mod channels;
+mod cluster;
+mod commands;
 mod history;
 mod subscriber;
 
@@ -31,11 +33,12 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::Offset;
 use channels::Channels;
+use commands::Commands;
 use history::{Outcome, Position, ReadRequest};
 
 pub struct RedisBus {
     channels: Arc<Channels>,
-    pool: deadpool_redis::Pool,
+    commands: Arc<Commands>,
     prefix: String,
     timeout: Duration,
     unsubscribe_delay: Duration,
@@ -49,32 +52,33 @@ impl RedisBus {
         metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Arc<RedisBus> {
-        let url = config.url.clone().unwrap_or_default();
         let op_timeout = Duration::from_millis(config.timeout_ms);
-        let mut pool_config = deadpool_redis::Config::from_url(url.clone());
-        let mut pool_settings = deadpool_redis::PoolConfig::new(config.pool_size);
-        pool_settings.timeouts = deadpool_redis::Timeouts {
-            wait: Some(op_timeout),
-            create: Some(op_timeout),
-            recycle: Some(op_timeout),
-        };
-        pool_config.pool = Some(pool_settings);
-        let pool = pool_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .expect("redis.url was validated");
+        let commands = Arc::new(Commands::new(config));
         let channels = Arc::new(Channels::new(hub, metrics.clone(), max_replay));
-        let subscriber = subscriber::Subscriber {
-            client: redis::Client::open(url).expect("redis.url was validated"),
-            config: config.clone(),
-            channels: channels.clone(),
-            metrics,
-            pool: pool.clone(),
-            max_replay,
-        };
-        tokio::spawn(subscriber.run(shutdown));
+        if config.is_cluster() {
+            let subscriber = cluster::ClusterSubscriber {
+                config: config.clone(),
+                channels: channels.clone(),
+                metrics,
+                commands: commands.clone(),
+                max_replay,
+            };
+            tokio::spawn(subscriber.run(shutdown));
+        } else {
+            let url = config.url.clone().unwrap_or_default();
+            let subscriber = subscriber::Subscriber {
+                client: redis::Client::open(url).expect("redis.url was validated"),
+                config: config.clone(),
+                channels: channels.clone(),
+                metrics,
+                commands: commands.clone(),
+                max_replay,
+            };
+            tokio::spawn(subscriber.run(shutdown));
+        }
         Arc::new(RedisBus {
             channels,
-            pool,
+            commands,
             prefix: config.prefix.clone(),
             timeout: op_timeout,
             unsubscribe_delay: Duration::from_millis(config.unsubscribe_delay_ms),
@@ -100,22 +104,8 @@ impl RedisBus {
 
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), BusError> {
         let key = format!("{}{}", self.prefix, channel);
-        let publish = async {
-            let mut conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| BusError::Unavailable(e.to_string()))?;
-            redis::cmd("PUBLISH")
-                .arg(key)
-                .arg(payload)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| BusError::Unavailable(e.to_string()))
-        };
-        match timeout(self.timeout, publish).await {
-            Ok(Ok(_receivers)) => Ok(()),
-            Ok(Err(e)) => Err(e),
+        match timeout(self.timeout, self.commands.publish(&key, payload)).await {
+            Ok(result) => result,
             Err(_) => Err(BusError::Timeout),
         }
         .inspect_err(|e| tracing::debug!(error = %e, "publish failed"))
@@ -136,7 +126,8 @@ impl RedisBus {
             limit,
             budget,
         };
-        let mut reads = history::read(&self.pool, &self.prefix, self.timeout, &[request]).await?;
+        let mut reads =
+            history::read(&self.commands, &self.prefix, self.timeout, &[request]).await?;
         Ok(match reads.pop() {
             Some(Ok(read)) => match read.outcome {
                 Outcome::Replay(entries) => History::Replay(entries),

@@ -24,6 +24,7 @@ use tokio::time::{timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::channels::{Channels, Reads};
+use super::commands::Commands;
 use super::history::{self, ReadRequest};
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
@@ -33,8 +34,8 @@ pub struct Subscriber {
     pub config: RedisConfig,
     pub channels: Arc<Channels>,
     pub metrics: Metrics,
-    /// The command pool, for history reads.
-    pub pool: deadpool_redis::Pool,
+    /// The command connections, for history reads.
+    pub commands: Arc<Commands>,
     /// `history.max_replay`.
     pub max_replay: usize,
 }
@@ -101,7 +102,7 @@ impl Subscriber {
                 HistoryWorker {
                     conn,
                     channels: self.channels.clone(),
-                    pool: self.pool.clone(),
+                    commands: self.commands.clone(),
                     prefix: self.config.prefix.clone(),
                     op_timeout: self.op_timeout(),
                     batch: self.config.resubscribe_batch,
@@ -280,18 +281,18 @@ async fn read_messages(
 
 /// Reads baselines and catch-ups for one connection, beside the subscriber. Ended (aborted)
 /// with its connection; [`Channels`] ignores results for an older connection anyway.
-struct HistoryWorker {
-    conn: u64,
-    channels: Arc<Channels>,
-    pool: deadpool_redis::Pool,
-    prefix: String,
-    op_timeout: Duration,
-    batch: usize,
-    max_replay: usize,
+pub(super) struct HistoryWorker {
+    pub conn: u64,
+    pub channels: Arc<Channels>,
+    pub commands: Arc<Commands>,
+    pub prefix: String,
+    pub op_timeout: Duration,
+    pub batch: usize,
+    pub max_replay: usize,
 }
 
 impl HistoryWorker {
-    async fn run(self, mut jobs: mpsc::UnboundedReceiver<Reads>) {
+    pub async fn run(self, mut jobs: mpsc::UnboundedReceiver<Reads>) {
         while let Some(Reads {
             baselines,
             catch_ups,
@@ -328,7 +329,7 @@ impl HistoryWorker {
         for chunk in requests.chunks(self.batch.max(1)) {
             let mut delay = Duration::from_millis(100);
             loop {
-                match history::read(&self.pool, &self.prefix, self.op_timeout, chunk).await {
+                match history::read(&self.commands, &self.prefix, self.op_timeout, chunk).await {
                     Ok(reads) => {
                         results.extend(reads);
                         break;

@@ -1,0 +1,171 @@
+//! Redis Cluster mode (docs/REFERENCE.md §7), against a real local cluster of 3 primaries and
+//! 3 replicas: channels spread over every shard reach clients on two gateways, each channel is
+//! subscribed on its own shard only, and sessions live through a primary's death.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tests::{run_gateway_to_exit, GatewayNode, RedisCluster, WsClient, TIMEOUT};
+
+/// Gateways in cluster mode on `cluster`, with fast failure detection.
+async fn gateways(cluster: &RedisCluster, n: usize, env: &[(&str, &str)]) -> Vec<GatewayNode> {
+    let mut all: Vec<(String, String)> = vec![
+        ("GATEWAY__REDIS__CLUSTER_NODES".into(), cluster.seeds()),
+        ("GATEWAY__REDIS__PING_INTERVAL_MS".into(), "300".into()),
+        ("GATEWAY__REDIS__TIMEOUT_MS".into(), "1000".into()),
+        ("GATEWAY__REDIS__BACKOFF_MAX_MS".into(), "300".into()),
+    ];
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let node = GatewayNode::start(&format!("gw-{}", i + 1), &all).await;
+        node.await_ready(200).await;
+        nodes.push(node);
+    }
+    nodes
+}
+
+/// One channel name per shard, named `<stem>-<n>`.
+fn one_channel_per_shard(cluster: &RedisCluster, stem: &str) -> Vec<String> {
+    let mut by_primary = std::collections::BTreeMap::new();
+    for n in 0.. {
+        let channel = format!("{stem}-{n}");
+        let port = cluster.primary_of(cluster.slot(&channel)).port;
+        by_primary.entry(port).or_insert(channel);
+        if by_primary.len() == 3 {
+            break;
+        }
+    }
+    by_primary.into_values().collect()
+}
+
+/// `PUBSUB SHARDNUMSUB channel` as one node answers it (its own subscribers only).
+fn shardnumsub(node: &tests::RedisServer, channel: &str) -> u64 {
+    node.cli(&["PUBSUB", "SHARDNUMSUB", channel])
+        .lines()
+        .nth(1)
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// SPUBLISH through the cluster (`redis-cli -c` follows the redirect to the owner).
+fn spublish(cluster: &RedisCluster, channel: &str, payload: &str) {
+    cluster.any().cli(&["-c", "SPUBLISH", channel, payload]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_on_every_shard_reach_both_gateways_from_their_own_shard_only() {
+    let cluster = RedisCluster::start();
+    let nodes = gateways(&cluster, 2, &[]).await;
+    let channels = one_channel_per_shard(&cluster, "news");
+    let query = format!("channels={}", channels.join(","));
+    let (mut a, _) = WsClient::connect_welcomed(&nodes[0].ws_url(&query)).await;
+    let (mut b, _) = WsClient::connect_welcomed(&nodes[1].ws_url(&query)).await;
+
+    for channel in &channels {
+        spublish(&cluster, channel, &json!({ "on": channel }).to_string());
+        for client in [&mut a, &mut b] {
+            let frame = client.until_message(channel).await;
+            assert_eq!(frame["data"]["on"], channel.as_str());
+        }
+        // Subscribed on the channel's own shard, by both gateways, and nowhere else.
+        let owner = cluster.primary_of(cluster.slot(channel));
+        assert_eq!(shardnumsub(owner, channel), 2, "{channel} on its owner");
+        for node in &cluster.nodes {
+            if node.port != owner.port
+                && node.port != cluster.replica_of(cluster.slot(channel)).port
+            {
+                assert_eq!(shardnumsub(node, channel), 0, "{channel} elsewhere");
+            }
+        }
+    }
+    for node in &nodes {
+        let m = node.metrics().await;
+        assert_eq!(m.get("gateway_redis_connected"), 1.0);
+        assert_eq!(m.get("gateway_redis_shards"), 3.0);
+    }
+
+    // A client publish leaves through SPUBLISH and reaches the other gateway.
+    a.subscribe("chat:cluster").await;
+    b.subscribe("chat:cluster").await;
+    let ack = a
+        .request(json!({"type": "publish", "channel": "chat:cluster", "data": {"hi": 1}, "id": 1}))
+        .await;
+    assert_eq!(ack["type"], "published", "{ack}");
+    assert_eq!(b.until_message("chat:cluster").await["data"]["hi"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_live_through_a_primary_killed_and_its_replica_promoted() {
+    let mut cluster = RedisCluster::start();
+    let nodes = gateways(&cluster, 1, &[]).await;
+    let channels = one_channel_per_shard(&cluster, "fo");
+    let (mut client, _) =
+        WsClient::connect_welcomed(&nodes[0].ws_url(&format!("channels={}", channels.join(","))))
+            .await;
+    let victim_channel = channels[0].clone();
+    let victim = cluster.primary_of(cluster.slot(&victim_channel)).port;
+    spublish(&cluster, &victim_channel, r#"{"n":0}"#);
+    assert_eq!(client.until_message(&victim_channel).await["data"]["n"], 0);
+
+    cluster.node_mut(victim).kill();
+    let killed = Instant::now();
+    // Delivery resumes within cluster-node-timeout + 2 s of Redis' own promotion (which takes
+    // about node timeout + 2 s itself): keep publishing until a message arrives.
+    let mut n = 0;
+    let resumed = loop {
+        n += 1;
+        let payload = json!({ "n": n }).to_string();
+        let _ = cluster
+            .any()
+            .cli_try(&["-c", "SPUBLISH", &victim_channel, &payload]);
+        if let Some(tests::Received::Frame(frame)) =
+            client.next_within(Duration::from_millis(200)).await
+        {
+            if frame["channel"] == victim_channel.as_str() {
+                break killed.elapsed();
+            }
+        }
+        assert!(
+            killed.elapsed() < TIMEOUT * 2,
+            "no delivery on {victim_channel} after the failover"
+        );
+    };
+    let promotion_budget = RedisCluster::NODE_TIMEOUT * 2 + Duration::from_secs(4);
+    assert!(
+        resumed < promotion_budget + RedisCluster::NODE_TIMEOUT + Duration::from_secs(2),
+        "delivery resumed only after {resumed:?}"
+    );
+    // The session was never closed, and the other shards' channels still deliver.
+    for channel in &channels[1..] {
+        spublish(&cluster, channel, r#"{"after":true}"#);
+        assert_eq!(client.until_message(channel).await["data"]["after"], true);
+    }
+    nodes[0].await_ready(200).await;
+}
+
+#[test]
+fn read_from_replica_is_refused_until_subscriptions_can_be_routed_to_replicas() {
+    let (status, stderr) = run_gateway_to_exit(&[
+        ("GATEWAY__REDIS__CLUSTER_NODES", "redis://127.0.0.1:7000"),
+        ("GATEWAY__REDIS__READ_FROM", "replica"),
+    ]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("redis.read_from"), "{stderr}");
+}
+
+#[test]
+fn redis_url_and_cluster_nodes_together_stop_start_up_naming_both() {
+    let (status, stderr) = run_gateway_to_exit(&[
+        ("GATEWAY__REDIS__URL", "redis://127.0.0.1:6379"),
+        (
+            "GATEWAY__REDIS__CLUSTER_NODES",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        ),
+    ]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("redis.url") && stderr.contains("redis.cluster_nodes"),
+        "{stderr}"
+    );
+}
