@@ -169,3 +169,76 @@ fn redis_url_and_cluster_nodes_together_stop_start_up_naming_both() {
         "{stderr}"
     );
 }
+
+/// Move `slot` from its owner to the primary `to`, keys included, the way `redis-cli --cluster
+/// reshard` does: IMPORTING/MIGRATING, MIGRATE the keys, then SETSLOT NODE everywhere.
+fn migrate_slot(cluster: &RedisCluster, slot: u16, to: u16) {
+    let from = cluster.primary_of(slot).port;
+    let id = |port: u16| cluster.node(port).cli(&["CLUSTER", "MYID"]);
+    let (from_id, to_id) = (id(from), id(to));
+    let slot_arg = slot.to_string();
+    cluster
+        .node(to)
+        .cli(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]);
+    cluster
+        .node(from)
+        .cli(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]);
+    loop {
+        let keys = cluster
+            .node(from)
+            .cli(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let to_port = to.to_string();
+        let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+        args.extend(keys);
+        cluster.node(from).cli(&args);
+    }
+    for node in [to, from] {
+        cluster
+            .node(node)
+            .cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
+    }
+    for node in &cluster.nodes {
+        if node.port != to && node.port != from {
+            let _ = node.cli_try(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribed_channel_follows_its_slot_to_another_shard() {
+    let cluster = RedisCluster::start();
+    let nodes = gateways(&cluster, 1, &[]).await;
+    let channel = "migrating";
+    let (mut client, _) =
+        WsClient::connect_welcomed(&nodes[0].ws_url(&format!("channels={channel}"))).await;
+    spublish(&cluster, channel, r#"{"n":1}"#);
+    assert_eq!(client.until_message(channel).await["data"]["n"], 1);
+
+    let slot = cluster.slot(channel);
+    let from = cluster.primary_of(slot).port;
+    let to = one_channel_per_shard(&cluster, "other")
+        .iter()
+        .map(|c| cluster.primary_of(cluster.slot(c)).port)
+        .find(|&p| p != from)
+        .expect("another primary");
+    migrate_slot(&cluster, slot, to);
+    assert_eq!(cluster.primary_of(slot).port, to);
+
+    // The old owner told the node (`sunsubscribe`); it subscribes at the new owner.
+    let started = Instant::now();
+    tests::eventually("subscribed at the new owner", async || {
+        (shardnumsub(cluster.node(to), channel) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(shardnumsub(cluster.node(from), channel), 0);
+    spublish(&cluster, channel, r#"{"n":2}"#);
+    assert_eq!(client.until_message(channel).await["data"]["n"], 2);
+    assert!(started.elapsed() < RedisCluster::NODE_TIMEOUT + Duration::from_secs(2));
+    let m = nodes[0].metrics().await;
+    assert!(m.get(r#"gateway_redis_resubscribes_total{reason="moved"}"#) >= 1.0);
+    nodes[0].await_ready(200).await;
+}
