@@ -37,9 +37,13 @@ struct Args {
     /// Gateway WebSocket URLs, comma-separated (ws://127.0.0.1:PORT/ws).
     #[arg(long, value_delimiter = ',', required = true)]
     url: Vec<String>,
-    /// Redis to publish to.
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    redis: String,
+    /// Redis to publish to; with `--cluster`, the seed nodes of a Redis Cluster,
+    /// comma-separated. Their CPU time is reported too.
+    #[arg(long, value_delimiter = ',', default_value = "redis://127.0.0.1:6379")]
+    redis: Vec<String>,
+    /// Publish with SPUBLISH through a Redis Cluster client (the gateways' cluster mode).
+    #[arg(long)]
+    cluster: bool,
     /// Redis channel prefix the gateways use.
     #[arg(long, default_value = "")]
     prefix: String,
@@ -176,6 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let rss_connected: Vec<u64> = args.pids.iter().map(|p| rss_kib(*p)).collect();
 
     let mut published = 0u64;
+    let redis_cpu_before = redis_cpu_secs(&args.redis).await;
     let cpu_before: Vec<f64> = args.pids.iter().map(|p| cpu_secs(*p)).collect();
     let publish_started = Instant::now();
     if args.rate > 0 {
@@ -198,6 +203,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu_after: Vec<f64> = args.pids.iter().map(|p| cpu_secs(*p)).collect();
+    let redis_cpu = redis_cpu_secs(&args.redis).await - redis_cpu_before;
     let window_secs = publish_started.elapsed().as_secs_f64();
     let rss_after: Vec<u64> = args.pids.iter().map(|p| rss_kib(*p)).collect();
     stop.cancel();
@@ -240,6 +246,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "rss_per_connection_bytes": per_connection_bytes(&rss_before, &rss_connected, made),
             "cpu_secs": cpu, "cpu_secs_total": cpu_total, "window_secs": window_secs,
             "deliveries_per_cpu_sec": if cpu_total > 0.0 { received as f64 / cpu_total } else { 0.0 }},
+        "redis": {"nodes": args.redis.len(), "cluster": args.cluster, "cpu_secs": redis_cpu,
+            "cpu_us_per_message": if published > 0 { redis_cpu * 1e6 / published as f64 } else { 0.0 }},
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -273,9 +281,46 @@ fn expected_deliveries(args: &Args, made: usize, published: u64) -> u64 {
         .sum()
 }
 
+/// The CPU time (user + system, seconds) the Redis servers at `urls` have used, from their
+/// `INFO CPU`; servers that cannot be asked count 0.
+async fn redis_cpu_secs(urls: &[String]) -> f64 {
+    let mut total = 0.0;
+    for url in urls {
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("CPU")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        total += info
+            .lines()
+            .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+            .filter_map(|l| l.split_once(':')?.1.trim().parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    total
+}
+
+/// Where the publisher sends: one Redis (pipelined PUBLISH) or a cluster (SPUBLISH, each
+/// routed to its channel's shard, concurrently).
+enum Sink {
+    One(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
 async fn publish(args: &Args) -> anyhow::Result<u64> {
-    let client = redis::Client::open(args.redis.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut sink = if args.cluster {
+        let client = redis::cluster::ClusterClient::new(args.redis.clone())?;
+        Sink::Cluster(client.get_async_connection().await?)
+    } else {
+        let client = redis::Client::open(args.redis[0].as_str())?;
+        Sink::One(client.get_multiplexed_async_connection().await?)
+    };
     let k = args.channels.max(1);
     let mut seqs = vec![0u64; k];
     let tick = Duration::from_millis(5);
@@ -295,18 +340,41 @@ async fn publish(args: &Args) -> anyhow::Result<u64> {
         if n == 0 {
             continue;
         }
-        let mut pipe = redis::pipe();
+        let mut messages = Vec::with_capacity(n as usize);
         for _ in 0..n {
             seqs[channel] += 1;
             let head = format!(r#"{{"seq":{},"t":{},"p":""#, seqs[channel], now_us());
             let pad = "x".repeat(args.payload.saturating_sub(head.len() + 2));
-            pipe.cmd("PUBLISH")
-                .arg(format!("{}bench-{channel}", args.prefix))
-                .arg(format!("{head}{pad}\"}}"))
-                .ignore();
+            messages.push((
+                format!("{}bench-{channel}", args.prefix),
+                format!("{head}{pad}\"}}"),
+            ));
             channel = (channel + 1) % k;
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        match &mut sink {
+            Sink::One(conn) => {
+                let mut pipe = redis::pipe();
+                for (key, payload) in &messages {
+                    pipe.cmd("PUBLISH").arg(key).arg(payload).ignore();
+                }
+                pipe.query_async::<()>(conn).await?;
+            }
+            Sink::Cluster(conn) => {
+                let sends = messages.into_iter().map(|(key, payload)| {
+                    let mut conn = conn.clone();
+                    async move {
+                        redis::cmd("SPUBLISH")
+                            .arg(key)
+                            .arg(payload)
+                            .query_async::<i64>(&mut conn)
+                            .await
+                    }
+                });
+                for result in futures_util::future::join_all(sends).await {
+                    result?;
+                }
+            }
+        }
         sent += n;
     }
     Ok(sent)
@@ -535,5 +603,17 @@ fn print_human(r: &serde_json::Value) {
         g["rss_kib_before"], g["rss_kib_connected"], g["rss_kib_after"],
         g["rss_per_connection_bytes"].as_f64().unwrap_or(0.0), g["cpu_secs"],
         g["cpu_secs_total"].as_f64().unwrap_or(0.0), g["deliveries_per_cpu_sec"].as_f64().unwrap_or(0.0)
+    );
+    let redis = &r["redis"];
+    println!(
+        "redis: {} node(s){}; cpu s {:.2} → {:.1} µs per published message",
+        redis["nodes"],
+        if redis["cluster"] == true {
+            " (cluster)"
+        } else {
+            ""
+        },
+        redis["cpu_secs"].as_f64().unwrap_or(0.0),
+        redis["cpu_us_per_message"].as_f64().unwrap_or(0.0)
     );
 }
