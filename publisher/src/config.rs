@@ -7,10 +7,12 @@
 //! unknown fields, so a misspelt key stops start-up with a message naming it, as does a bad
 //! value; `cli` turns either into exit code 2.
 //!
-//! No publisher key is a list, so environment values are never split on commas and are never
-//! type-guessed either: `PUBLISHER__API_KEY=007,abc` stays the string `007,abc`, and numbers
-//! and booleans are parsed from strings by the field's own type. A future list key must be
-//! added to `LIST_KEYS`, which switches on comma splitting for exactly those keys.
+//! Environment values are never type-guessed: numbers and booleans are parsed from strings by
+//! the field's own type, so `PUBLISHER__API_KEY=007` stays the string `007`. The one list key,
+//! `redis.cluster_nodes`, is split on commas by its own deserializer ([`comma_list`]), whether
+//! it comes from the environment, a flag or a TOML string (a TOML array works too); no other
+//! value is ever split, so `PUBLISHER__API_KEY=007,abc` stays `007,abc`. The `config` crate's
+//! own list parsing is not used because it only works together with type guessing.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,15 +20,16 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use deadpool_redis::redis;
+use serde::{de, Deserialize, Deserializer, Serialize};
 
 use crate::channel::Channel;
 
 /// Environment variable prefix: `PUBLISHER__REDIS__URL` → `redis.url`.
 pub const ENV_PREFIX: &str = "PUBLISHER";
 
-/// Keys whose environment value is a comma-separated list. None yet; see the module doc.
-const LIST_KEYS: &[&str] = &[];
+/// The Redis of standalone mode when neither `redis.url` nor `redis.cluster_nodes` is set.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// The whole publisher configuration. Field docs name the key and its default.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,8 +85,16 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis.url` (redis://127.0.0.1:6379).
-    pub url: Secret,
+    /// `redis.url` (unset): a single Redis. Unset means [`DEFAULT_REDIS_URL`], unless
+    /// `redis.cluster_nodes` is set; setting both is an error. Kept unset by default so that
+    /// "set by the user" can be told from "the default".
+    pub url: Option<Secret>,
+    /// `redis.cluster_nodes` (empty): seed nodes of a Redis Cluster, e.g.
+    /// `PUBLISHER__REDIS__CLUSTER_NODES=redis://r1:7000,redis://r2:7000`. Non-empty = cluster
+    /// mode: the rest of the topology is discovered from these, and messages go out with
+    /// SPUBLISH. A list key (see the module doc).
+    #[serde(deserialize_with = "comma_list")]
+    pub cluster_nodes: Vec<Secret>,
     /// `redis.prefix` (empty): prepended to every channel and key the publisher touches; must
     /// match the gateways' `redis.prefix`.
     pub prefix: String,
@@ -91,8 +102,18 @@ pub struct RedisConfig {
     pub connect_timeout_ms: u64,
     /// `redis.response_timeout_ms` (1000): a command without an answer fails after this.
     pub response_timeout_ms: u64,
-    /// `redis.pool_size` (16): connections in the pool.
+    /// `redis.pool_size` (16): connections in the pool (standalone mode; in cluster mode the
+    /// publisher keeps one multiplexed connection per cluster node).
     pub pool_size: usize,
+}
+
+/// Where the publisher's Redis is, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisTarget<'a> {
+    /// One Redis at this URL (`redis.url`, or the default).
+    Standalone(&'a Secret),
+    /// A Redis Cluster, found through these seed nodes (`redis.cluster_nodes`).
+    Cluster(&'a [Secret]),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +188,12 @@ pub enum ConfigError {
     /// A value of the right type that is out of range or malformed.
     #[error("invalid value for key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    /// Two keys that exclude each other are both set.
+    #[error("keys `{}` and `{}` cannot both be set: {message}", keys[0], keys[1])]
+    Conflict {
+        keys: [&'static str; 2],
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -202,7 +229,8 @@ impl Default for Config {
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
-            url: Secret::new("redis://127.0.0.1:6379"),
+            url: None,
+            cluster_nodes: Vec::new(),
             prefix: String::new(),
             connect_timeout_ms: 1000,
             response_timeout_ms: 1000,
@@ -303,8 +331,7 @@ impl Config {
         in_range("drain_timeout_ms", self.drain_timeout_ms, 0, 600_000)?;
 
         let redis = &self.redis;
-        deadpool_redis::redis::Client::open(redis.url.expose())
-            .map_err(|e| ConfigError::invalid("redis.url", e))?;
+        redis.validate_target()?;
         if !redis.prefix.is_empty() {
             Channel::parse(&redis.prefix).map_err(|e| ConfigError::invalid("redis.prefix", e))?;
         }
@@ -375,20 +402,103 @@ impl Config {
     }
 }
 
-fn environment(env: Option<HashMap<String, String>>) -> config::Environment {
-    let mut source = config::Environment::with_prefix(ENV_PREFIX)
-        .separator("__")
-        .ignore_empty(true)
-        .source(env);
-    // `list_separator` without a parse key would split every value (secrets too), so it is
-    // only switched on together with the keys it applies to.
-    if !LIST_KEYS.is_empty() {
-        source = source.try_parsing(true).list_separator(",");
-        for key in LIST_KEYS {
-            source = source.with_list_parse_key(key);
+// === impl RedisConfig ===
+
+impl RedisConfig {
+    /// A single Redis or a Redis Cluster; [`Config::validate`] has made sure it is not both.
+    pub fn target(&self) -> RedisTarget<'_> {
+        static DEFAULT: std::sync::LazyLock<Secret> =
+            std::sync::LazyLock::new(|| Secret::new(DEFAULT_REDIS_URL));
+        if self.cluster_nodes.is_empty() {
+            RedisTarget::Standalone(self.url.as_ref().unwrap_or(&DEFAULT))
+        } else {
+            RedisTarget::Cluster(&self.cluster_nodes)
         }
     }
-    source
+
+    /// True in cluster mode (`redis.cluster_nodes` is set).
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+
+    /// `redis.url` and `redis.cluster_nodes` exclude each other; every URL must parse, and the
+    /// cluster seeds must agree on credentials and TLS (the redis crate's own checks). Messages
+    /// name the key and the position of a bad seed, never its text (it may hold a password).
+    fn validate_target(&self) -> Result<(), ConfigError> {
+        if self.url.is_some() && self.is_cluster() {
+            return Err(ConfigError::Conflict {
+                keys: ["redis.url", "redis.cluster_nodes"],
+                message: "`redis.url` names a single Redis, `redis.cluster_nodes` the seed nodes \
+                          of a Redis Cluster; set only one of them"
+                    .to_owned(),
+            });
+        }
+        match self.target() {
+            RedisTarget::Standalone(url) => {
+                redis::Client::open(url.expose())
+                    .map_err(|e| ConfigError::invalid("redis.url", e))?;
+            }
+            RedisTarget::Cluster(nodes) => {
+                for (i, node) in nodes.iter().enumerate() {
+                    redis::Client::open(node.expose()).map_err(|e| {
+                        ConfigError::invalid(
+                            "redis.cluster_nodes",
+                            format!("node {} of {}: {e}", i + 1, nodes.len()),
+                        )
+                    })?;
+                }
+                redis::cluster::ClusterClientBuilder::new(nodes.iter().map(Secret::expose))
+                    .build()
+                    .map_err(|e| ConfigError::invalid("redis.cluster_nodes", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn environment(env: Option<HashMap<String, String>>) -> config::Environment {
+    // No `try_parsing`: values stay strings (see the module doc).
+    config::Environment::with_prefix(ENV_PREFIX)
+        .separator("__")
+        .ignore_empty(true)
+        .source(env)
+}
+
+/// Deserializes a list key: a sequence of strings (a TOML array), or one string of
+/// comma-separated items (the environment, `--set`). Items are trimmed; empty ones are dropped,
+/// so an empty string is an empty list.
+fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::Error> {
+    struct ListVisitor;
+
+    impl<'de> de::Visitor<'de> for ListVisitor {
+        type Value = Vec<Secret>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of strings, or one string of comma-separated items")
+        }
+
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+            Ok(value
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(Secret::new)
+                .collect())
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                let item = item.trim();
+                if !item.is_empty() {
+                    items.push(Secret::new(item));
+                }
+            }
+            Ok(items)
+        }
+    }
+
+    deserializer.deserialize_any(ListVisitor)
 }
 
 fn in_range<T>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError>
@@ -425,7 +535,16 @@ mod tests {
     fn defaults_are_the_stable_ones() {
         let config = load_env(&[]).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:8090");
-        assert_eq!(config.redis.url.expose(), "redis://127.0.0.1:6379");
+        assert!(
+            config.redis.url.is_none(),
+            "unset, so that a user's setting shows"
+        );
+        assert_eq!(
+            config.redis.target(),
+            RedisTarget::Standalone(&Secret::new("redis://127.0.0.1:6379"))
+        );
+        assert!(config.redis.cluster_nodes.is_empty());
+        assert!(!config.redis.is_cluster());
         assert_eq!(config.redis.prefix, "");
         assert_eq!(config.tick.interval_ms, 1000);
         assert_eq!(config.tick.channel, "ticks");
@@ -477,6 +596,11 @@ mod tests {
             ("PUBLISHER__LISTEN", "nowhere", "listen"),
             ("PUBLISHER__TICK__CHANNEL", "a b", "tick.channel"),
             ("PUBLISHER__REDIS__URL", "http://x", "redis.url"),
+            (
+                "PUBLISHER__REDIS__CLUSTER_NODES",
+                "redis://a:7000,http://b:7000",
+                "redis.cluster_nodes",
+            ),
             ("PUBLISHER__API_KEY", "  ", "api_key"),
             ("PUBLISHER__AUTH__SECRET", "short", "auth.secret"),
         ];
@@ -487,6 +611,108 @@ mod tests {
                 "{var}={value}: {err:?} should name {key}"
             );
         }
+    }
+
+    #[test]
+    fn cluster_nodes_are_split_on_commas_and_nothing_else_is() {
+        let config = load_env(&[
+            (
+                "PUBLISHER__REDIS__CLUSTER_NODES",
+                " redis://r1:7000, redis://r2:7000 ,,redis://r3:7000",
+            ),
+            ("PUBLISHER__API_KEY", "007,1"),
+            (
+                "PUBLISHER__AUTH__SECRET",
+                "000000000000000000000000000000000001",
+            ),
+        ])
+        .unwrap();
+        let nodes: Vec<&str> = config
+            .redis
+            .cluster_nodes
+            .iter()
+            .map(Secret::expose)
+            .collect();
+        assert_eq!(
+            nodes,
+            ["redis://r1:7000", "redis://r2:7000", "redis://r3:7000"]
+        );
+        assert!(config.redis.is_cluster());
+        assert!(matches!(config.redis.target(), RedisTarget::Cluster(n) if n.len() == 3));
+        assert_eq!(config.api_key.unwrap().expose(), "007,1", "never split");
+        assert_eq!(
+            config.auth.secret.unwrap().expose(),
+            "000000000000000000000000000000000001",
+            "never type-guessed into a number"
+        );
+
+        // A flag takes the same comma-separated form; a TOML file may use an array.
+        let config = Config::load(
+            None,
+            env(&[]),
+            &[(
+                "redis.cluster_nodes".into(),
+                "redis://a:1,redis://b:2".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(config.redis.cluster_nodes.len(), 2);
+        let dir = std::env::temp_dir().join(format!("publisher-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.toml");
+        std::fs::write(
+            &file,
+            "[redis]\ncluster_nodes = [\"redis://a:1\", \"redis://b:2\"]\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), env(&[]), &[]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(config.redis.cluster_nodes.len(), 2);
+
+        // Empty means unset: standalone on the default URL.
+        let config = load_env(&[("PUBLISHER__REDIS__CLUSTER_NODES", " , ")]).unwrap();
+        assert!(!config.redis.is_cluster());
+    }
+
+    #[test]
+    fn url_and_cluster_nodes_exclude_each_other() {
+        let nodes = ("PUBLISHER__REDIS__CLUSTER_NODES", "redis://r1:7000");
+        let by_env = load_env(&[nodes, ("PUBLISHER__REDIS__URL", "redis://127.0.0.1:6379")]);
+        let by_flag = Config::load(
+            None,
+            env(&[nodes]),
+            &[("redis.url".into(), "redis://127.0.0.1:6379".into())],
+        );
+        for result in [by_env, by_flag] {
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains("`redis.url`") && err.contains("`redis.cluster_nodes`"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_cluster_node_is_named_by_position_without_its_password() {
+        let err = load_env(&[(
+            "PUBLISHER__REDIS__CLUSTER_NODES",
+            "redis://:hunter2@r1:7000,unix:///tmp/r.sock",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("redis.cluster_nodes"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = load_env(&[(
+            "PUBLISHER__REDIS__CLUSTER_NODES",
+            "redis://:hunter2@r1:7000,nope://r2",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("redis.cluster_nodes") && err.contains("node 2 of 2"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

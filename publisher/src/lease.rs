@@ -10,9 +10,9 @@ pub use gateway::lease::{is_leader, Leadership, Lease, LeaseError, LeaseRedis};
 use crate::pool::RedisPool;
 
 impl LeaseRedis for RedisPool {
-    type Connection = deadpool_redis::Connection;
+    type Connection = crate::pool::Connection;
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, LeaseError> {
+    async fn connection(&self) -> Result<crate::pool::Connection, LeaseError> {
         // The pool's error names the Redis (without its password).
         self.get()
             .await

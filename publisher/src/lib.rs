@@ -7,7 +7,8 @@
 //! - [`cli`]: flags, subcommands, exit codes; `main.rs` only calls [`cli::main`].
 //! - [`config`]: the typed configuration and its layers (defaults, TOML, env, flags).
 //! - [`channel`]: the channel-name rule.
-//! - [`pool`]: the Redis connection pool, its timeouts and readiness PING.
+//! - [`pool`]: the Redis handle (a pool, or a Redis Cluster connection), its timeouts and
+//!   readiness check.
 //! - [`publish`]: turning messages into Redis traffic: stream append + publish, one script.
 //! - [`alert`]: the alert request and the alert message.
 //! - [`lease`]: leader election over a Redis lease (the protocol is `gateway::lease`, shared
@@ -110,7 +111,7 @@ pub async fn run(
     let app = api::router(publisher, &config, shutdown.clone());
     info!(
         addr = %listener.local_addr()?,
-        redis = %redis.url(),
+        redis = %redis.target(),
         ticks = config.tick.enabled,
         "publisher listening"
     );
