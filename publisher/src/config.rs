@@ -9,10 +9,11 @@
 //!
 //! Environment values are never type-guessed: numbers and booleans are parsed from strings by
 //! the field's own type, so `PUBLISHER__API_KEY=007` stays the string `007`. The one list key,
-//! `redis.cluster_nodes`, is split on commas by its own deserializer ([`comma_list`]), whether
-//! it comes from the environment, a flag or a TOML string (a TOML array works too); no other
-//! value is ever split, so `PUBLISHER__API_KEY=007,abc` stays `007,abc`. The `config` crate's
-//! own list parsing is not used because it only works together with type guessing.
+//! `redis.cluster_nodes`, is split by its own deserializer ([`comma_list`]): from the
+//! environment or a flag, comma-separated or a JSON array of strings (as the gateway's list
+//! keys); in a TOML file, an array. No other value is ever split, so
+//! `PUBLISHER__API_KEY=007,abc` stays `007,abc`. The `config` crate's own list parsing is not
+//! used because it only works together with type guessing.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -464,9 +465,10 @@ fn environment(env: Option<HashMap<String, String>>) -> config::Environment {
         .source(env)
 }
 
-/// Deserializes a list key: a sequence of strings (a TOML array), or one string of
-/// comma-separated items (the environment, `--set`). Items are trimmed; empty ones are dropped,
-/// so an empty string is an empty list.
+/// Deserializes a list key: a sequence of strings (a TOML array), or one string (the
+/// environment, `--set`) that is either a JSON array of strings, when it starts with `[` (how
+/// an item can contain a comma), or comma-separated items. Items are trimmed; empty ones are
+/// dropped, so an empty string is an empty list.
 fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::Error> {
     struct ListVisitor;
 
@@ -478,9 +480,15 @@ fn comma_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>,
         }
 
         fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
-            Ok(value
-                .split(',')
-                .map(str::trim)
+            let items: Vec<String> = if value.trim_start().starts_with('[') {
+                serde_json::from_str(value)
+                    .map_err(|e| E::custom(format!("not a JSON array of strings: {e}")))?
+            } else {
+                value.split(',').map(str::to_owned).collect()
+            };
+            Ok(items
+                .iter()
+                .map(|item| item.trim())
                 .filter(|item| !item.is_empty())
                 .map(Secret::new)
                 .collect())
@@ -668,6 +676,18 @@ mod tests {
         let config = Config::load(Some(&file), env(&[]), &[]).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(config.redis.cluster_nodes.len(), 2);
+
+        // A JSON array, as for the gateway's list keys.
+        let config = load_env(&[(
+            "PUBLISHER__REDIS__CLUSTER_NODES",
+            r#"["redis://r1:7000", "redis://r2:7000"]"#,
+        )])
+        .unwrap();
+        assert_eq!(config.redis.cluster_nodes.len(), 2);
+        let err = load_env(&[("PUBLISHER__REDIS__CLUSTER_NODES", "[redis://r1:7000")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.cluster_nodes"), "{err}");
 
         // Empty means unset: standalone on the default URL.
         let config = load_env(&[("PUBLISHER__REDIS__CLUSTER_NODES", " , ")]).unwrap();
