@@ -23,8 +23,12 @@
 //! harmless: a slot is published by whoever claims `<prefix>publisher:tick:slot:<unix_ms>`
 //! first, and only that claim takes the next `seq` from `<prefix>publisher:tick:seq`.
 //!
+//! On a Redis Cluster ([`Keys::HashTagged`]; only publishers tick there) the same keys carry
+//! the `{publisher}` hash tag, `<prefix>{publisher}:leader` and so on: the claim script touches
+//! a slot's claim and the counter, which must then be in one hash slot.
+//!
 //! Scripts are sent with `EVAL` rather than `EVALSHA`: they are a few dozen bytes, and `EVAL`
-//! never meets `NOSCRIPT` after a Redis restart.
+//! never meets `NOSCRIPT` after a Redis restart or a failover.
 
 use std::future::Future;
 use std::time::Duration;
@@ -44,6 +48,41 @@ pub const SEQ_KEY: &str = "publisher:tick:seq";
 /// The claim key of the tick slot at `unix_ms` (before the prefix).
 pub fn slot_key(unix_ms: u64) -> String {
     format!("publisher:tick:slot:{unix_ms}")
+}
+
+/// How the lease's keys are named (before the prefix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// A single Redis: [`LEASE_KEY`], [`SEQ_KEY`], [`slot_key`].
+    Plain,
+    /// A Redis Cluster: the same names under the `{publisher}` hash tag, all in one slot.
+    HashTagged,
+}
+
+impl Keys {
+    /// The lease key.
+    pub fn lease(self) -> &'static str {
+        match self {
+            Self::Plain => LEASE_KEY,
+            Self::HashTagged => "{publisher}:leader",
+        }
+    }
+
+    /// The tick sequence counter.
+    pub fn seq(self) -> &'static str {
+        match self {
+            Self::Plain => SEQ_KEY,
+            Self::HashTagged => "{publisher}:tick:seq",
+        }
+    }
+
+    /// The claim key of the tick slot at `unix_ms`.
+    pub fn slot(self, unix_ms: u64) -> String {
+        match self {
+            Self::Plain => slot_key(unix_ms),
+            Self::HashTagged => format!("{{publisher}}:tick:slot:{unix_ms}"),
+        }
+    }
 }
 
 /// Sets the key's expiry only while it still holds our id. KEYS[1] lease, ARGV id, ttl ms.
@@ -79,6 +118,12 @@ pub trait LeaseRedis: Send + Sync {
 
     /// `redis.prefix` + `name`.
     fn key(&self, name: &str) -> String;
+
+    /// How the keys are named here: [`Keys::Plain`] on a single Redis, [`Keys::HashTagged`] on
+    /// a Redis Cluster.
+    fn keys(&self) -> Keys {
+        Keys::Plain
+    }
 }
 
 /// A lease or claim operation that failed.
@@ -125,7 +170,7 @@ enum Attempt {
 impl<R: LeaseRedis> Lease<R> {
     /// `id` must be unique among the processes sharing the Redis (and prefix).
     pub fn new(redis: R, id: String, ttl: Duration) -> Self {
-        let key = redis.key(LEASE_KEY);
+        let key = redis.key(redis.keys().lease());
         Self {
             redis,
             key,
@@ -304,15 +349,37 @@ pub async fn claim_slot<R: LeaseRedis>(
     id: &str,
     claim_ttl_ms: u64,
 ) -> Result<Option<u64>, LeaseError> {
+    let keys = redis.keys();
     let mut conn = redis.connection().await?;
     let seq: Option<u64> = redis::cmd("EVAL")
         .arg(CLAIM)
         .arg(2)
-        .arg(redis.key(&slot_key(unix_ms)))
-        .arg(redis.key(SEQ_KEY))
+        .arg(redis.key(&keys.slot(unix_ms)))
+        .arg(redis.key(keys.seq()))
         .arg(id)
         .arg(claim_ttl_ms)
         .query_async(&mut conn)
         .await?;
     Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::cluster_routing::Slot;
+
+    #[test]
+    fn plain_keys_keep_their_names_and_tagged_ones_share_a_slot() {
+        assert_eq!(Keys::Plain.lease(), "publisher:leader");
+        assert_eq!(Keys::Plain.seq(), "publisher:tick:seq");
+        assert_eq!(Keys::Plain.slot(1000), "publisher:tick:slot:1000");
+        let tagged = Keys::HashTagged;
+        assert_eq!(tagged.slot(1000), "{publisher}:tick:slot:1000");
+        // With any prefix (the prefix comes before the tag and never contains braces).
+        for prefix in ["", "app1:"] {
+            let slot = Slot::for_key(format!("{prefix}{}", tagged.lease()));
+            assert_eq!(Slot::for_key(format!("{prefix}{}", tagged.seq())), slot);
+            assert_eq!(Slot::for_key(format!("{prefix}{}", tagged.slot(7))), slot);
+        }
+    }
 }
