@@ -410,9 +410,15 @@ impl RedisCluster {
     pub const NODE_TIMEOUT: Duration = Duration::from_millis(1500);
 
     pub fn start() -> RedisCluster {
+        Self::start_with(&[])
+    }
+
+    /// As [`RedisCluster::start`], with more `redis-server` arguments for every node, e.g.
+    /// `["--cluster-require-full-coverage", "no"]`.
+    pub fn start_with(args: &[&str]) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {
-                let extra = [
+                let mut extra = vec![
                     "--cluster-enabled".to_owned(),
                     "yes".to_owned(),
                     "--cluster-node-timeout".to_owned(),
@@ -425,7 +431,8 @@ impl RedisCluster {
                     "--cluster-replica-validity-factor".to_owned(),
                     "0".to_owned(),
                 ];
-                RedisServer::start_full(None, extra.to_vec())
+                extra.extend(args.iter().map(|a| a.to_string()));
+                RedisServer::start_full(None, extra)
             })
             .collect();
         let out = Command::new("redis-cli")
@@ -442,7 +449,24 @@ impl RedisCluster {
         );
         let cluster = RedisCluster { nodes };
         cluster.await_healthy();
+        cluster.await_replicas();
         cluster
+    }
+
+    /// Wait until every node sees three replicas: `--cluster create` returns once the nodes
+    /// agree on the slots, before every replica's role has reached every node.
+    fn await_replicas(&self) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.nodes.iter().all(|n| {
+            n.cli_try(&["CLUSTER", "NODES"])
+                .is_some_and(|nodes| nodes.matches("slave").count() == 3)
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the redis cluster's replicas did not attach"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Wait until every live node says `cluster_state:ok` and knows every other, and every
@@ -502,6 +526,31 @@ impl RedisCluster {
         self.node(port)
     }
 
+    /// The primary of `slot`, or `None` while no live primary serves it (between a primary's
+    /// failure and its replica's promotion).
+    pub fn try_primary_of(&self, slot: u16) -> Option<&RedisServer> {
+        self.find_owner_port(slot, "master")
+            .map(|port| self.node(port))
+    }
+
+    /// Channels named `<stem>0`, `<stem>1`, … picked so that each of the three primaries owns
+    /// one: `[(channel, its primary's port)]`, ordered by port.
+    pub fn one_channel_per_shard(&self, stem: &str) -> Vec<(String, u16)> {
+        let mut picked: Vec<(String, u16)> = Vec::new();
+        for i in 0..1000 {
+            let channel = format!("{stem}{i}");
+            let port = self.primary_of(self.slot(&channel)).port;
+            if picked.iter().all(|(_, p)| *p != port) {
+                picked.push((channel, port));
+                if picked.len() == 3 {
+                    picked.sort_by_key(|(_, port)| *port);
+                    return picked;
+                }
+            }
+        }
+        panic!("no channel {stem}N on every shard")
+    }
+
     /// A replica of the shard that serves `slot`.
     pub fn replica_of(&self, slot: u16) -> &RedisServer {
         let port = self.owner_port(slot, "slave");
@@ -525,6 +574,15 @@ impl RedisCluster {
     /// From `CLUSTER NODES`: the port of the node with `role` (master/slave) in the shard
     /// that serves `slot`.
     fn owner_port(&self, slot: u16, role: &str) -> u16 {
+        self.find_owner_port(slot, role).unwrap_or_else(|| {
+            panic!(
+                "no live {role} serves slot {slot}:\n{}",
+                self.any().cli(&["CLUSTER", "NODES"])
+            )
+        })
+    }
+
+    fn find_owner_port(&self, slot: u16, role: &str) -> Option<u16> {
         let nodes = self.any().cli(&["CLUSTER", "NODES"]);
         let parse = |line: &str| -> Option<(String, u16, String, String, Vec<String>)> {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -545,23 +603,148 @@ impl RedisCluster {
                 None => r.parse::<u16>().is_ok_and(|s| s == slot),
             })
         };
-        let master = entries
-            .iter()
-            .find(|(_, _, flags, _, slots)| {
-                flags.contains("master") && !flags.contains("fail") && owns(slots)
-            })
-            .unwrap_or_else(|| panic!("no primary serves slot {slot}:\n{nodes}"));
+        let master = entries.iter().find(|(_, _, flags, _, slots)| {
+            flags.contains("master") && !flags.contains("fail") && owns(slots)
+        })?;
         if role == "master" {
-            return master.1;
+            return Some(master.1);
         }
         entries
             .iter()
             .find(|(_, _, flags, of, _)| {
                 flags.contains("slave") && !flags.contains("fail") && *of == master.0
             })
-            .unwrap_or_else(|| panic!("no replica for slot {slot}:\n{nodes}"))
-            .1
+            .map(|entry| entry.1)
     }
+}
+
+// === shard subscribers ===
+
+/// One message as a sharded pub/sub subscriber received it.
+#[derive(Debug, Clone)]
+pub struct ShardMessage {
+    pub channel: String,
+    /// The offset of the publisher's envelope (SPEC §5), `None` for a plain SPUBLISH.
+    pub offset: Option<String>,
+    /// The payload, without the envelope.
+    pub payload: String,
+    /// When it arrived, in Unix ms.
+    pub at_ms: u64,
+}
+
+impl ShardMessage {
+    /// The payload parsed as JSON.
+    pub fn data(&self) -> Value {
+        serde_json::from_str(&self.payload)
+            .unwrap_or_else(|e| panic!("non-JSON payload on {}: {e}: {self:?}", self.channel))
+    }
+}
+
+/// A sharded pub/sub subscriber on one node of a [`RedisCluster`], on its own RESP2
+/// connection (redis-rs's blocking connection in a thread): `SSUBSCRIBE` on exactly the node
+/// given, so a test can tell which node delivers. Its thread ends with the connection, e.g.
+/// when the node is killed or the cluster is dropped.
+pub struct ShardSubscriber {
+    rx: tokio::sync::mpsc::UnboundedReceiver<ShardMessage>,
+}
+
+impl ShardSubscriber {
+    /// Subscribed (each channel confirmed by the node) when this returns. The node must own
+    /// the channels' slots, or be a replica of their owner.
+    pub fn start(node: &RedisServer, channels: &[&str]) -> ShardSubscriber {
+        let client = redis::Client::open(node.url()).expect("node URL");
+        let mut conn = client
+            .get_connection_with_timeout(TIMEOUT)
+            .expect("connect to the node");
+        conn.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+        conn.send_packed_command(&redis::cmd("SSUBSCRIBE").arg(channels).get_packed_command())
+            .expect("send SSUBSCRIBE");
+        for channel in channels {
+            let reply = conn.recv_response().expect("SSUBSCRIBE confirmation");
+            let parts = bulk_strings(&reply);
+            assert_eq!(
+                parts.first().map(String::as_str),
+                Some("ssubscribe"),
+                "SSUBSCRIBE {channel} on port {}: {reply:?}",
+                node.port
+            );
+        }
+        // From now on it waits for messages as long as the connection lives.
+        conn.set_read_timeout(None).expect("no read timeout");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            while let Ok(reply) = conn.recv_response() {
+                let parts = bulk_strings(&reply);
+                let [kind, channel, payload] = &parts[..] else {
+                    continue;
+                };
+                if kind != "smessage" {
+                    continue;
+                }
+                // The publisher's envelope: NUL, the offset, a newline, the payload.
+                let (offset, payload) = match payload
+                    .strip_prefix('\0')
+                    .and_then(|envelope| envelope.split_once('\n'))
+                {
+                    Some((offset, payload)) => (Some(offset.to_owned()), payload.to_owned()),
+                    None => (None, payload.clone()),
+                };
+                let at_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let message = ShardMessage {
+                    channel: channel.clone(),
+                    offset,
+                    payload,
+                    at_ms,
+                };
+                if tx.send(message).is_err() {
+                    break;
+                }
+            }
+        });
+        ShardSubscriber { rx }
+    }
+
+    /// The next message, within [`TIMEOUT`].
+    pub async fn next(&mut self) -> ShardMessage {
+        tokio::time::timeout(TIMEOUT, self.rx.recv())
+            .await
+            .expect("a shard message within the timeout")
+            .expect("the shard subscriber's connection is open")
+    }
+
+    /// The next message on `channel`, skipping others.
+    pub async fn next_on(&mut self, channel: &str) -> ShardMessage {
+        loop {
+            let message = self.next().await;
+            if message.channel == channel {
+                return message;
+            }
+        }
+    }
+
+    /// Whatever has arrived already, without waiting.
+    pub fn drain(&mut self) -> Vec<ShardMessage> {
+        std::iter::from_fn(|| self.rx.try_recv().ok()).collect()
+    }
+}
+
+/// The items of an array reply as (lossy) strings; integers in decimal.
+fn bulk_strings(value: &redis::Value) -> Vec<String> {
+    let items = match value {
+        redis::Value::Array(items) | redis::Value::Push { data: items, .. } => items,
+        _ => return Vec::new(),
+    };
+    items
+        .iter()
+        .map(|item| match item {
+            redis::Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+            redis::Value::SimpleString(text) => text.clone(),
+            redis::Value::Int(n) => n.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect()
 }
 
 // === gateway nodes ===
@@ -743,10 +926,20 @@ impl PublisherNode {
     /// Starts a node on `redis` with short tick and lease settings (overridable through `env`)
     /// and waits until `/healthz` answers.
     pub async fn start(redis: &RedisServer, env: &[(&str, &str)]) -> PublisherNode {
+        Self::spawn(("PUBLISHER__REDIS__URL", redis.url()), env).await
+    }
+
+    /// As [`PublisherNode::start`], in cluster mode: every node of `cluster` is a seed
+    /// (`redis.cluster_nodes`).
+    pub async fn start_on_cluster(cluster: &RedisCluster, env: &[(&str, &str)]) -> PublisherNode {
+        Self::spawn(("PUBLISHER__REDIS__CLUSTER_NODES", cluster.seeds()), env).await
+    }
+
+    async fn spawn(redis: (&str, String), env: &[(&str, &str)]) -> PublisherNode {
         for _attempt in 0..3 {
             let port = free_port();
             let mut child = publisher_command()
-                .env("PUBLISHER__REDIS__URL", redis.url())
+                .env(redis.0, &redis.1)
                 .env("PUBLISHER__LISTEN", format!("127.0.0.1:{port}"))
                 .env(
                     "PUBLISHER__TICK__INTERVAL_MS",
@@ -827,6 +1020,54 @@ impl PublisherNode {
             .await
             .expect("publisher exits in time")
             .expect("wait for publisher")
+    }
+}
+
+/// Waits until exactly one of `nodes` reports `publisher_leader 1`; returns its index.
+pub async fn leader_of(nodes: &[&PublisherNode]) -> usize {
+    eventually("exactly one leader", async || {
+        let mut leaders = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            if node.is_leader().await {
+                leaders.push(i);
+            }
+        }
+        (leaders.len() == 1).then(|| leaders[0])
+    })
+    .await
+}
+
+/// A tick's `(unix_ms, seq)`, asserting its shape: only `time`, `unix_ms` and `seq`, and
+/// `time` names the same instant as `unix_ms`.
+pub fn tick_fields(tick: &Value) -> (u64, u64) {
+    let unix_ms = tick["unix_ms"].as_u64().expect("unix_ms");
+    let seq = tick["seq"].as_u64().expect("seq");
+    let time = tick["time"].as_str().expect("time");
+    assert_eq!(
+        time,
+        publisher::alert::rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms)),
+        "time and unix_ms name the same instant"
+    );
+    assert_eq!(
+        tick.as_object().unwrap().len(),
+        3,
+        "only time, unix_ms, seq: {tick}"
+    );
+    (unix_ms, seq)
+}
+
+/// Asserts what must hold for any sequence of received ticks `(unix_ms, seq, receipt time)`,
+/// leader changes included: every slot at most once and in order, sequence numbers
+/// increasing, slots aligned to [`PUBLISHER_TICK_MS`].
+pub fn assert_slots_unique_and_ordered(ticks: &[(u64, u64, u64)]) {
+    for pair in ticks.windows(2) {
+        let ((slot_a, seq_a, _), (slot_b, seq_b, _)) = (pair[0], pair[1]);
+        assert!(
+            slot_b > slot_a,
+            "slot {slot_b} after {slot_a}: a slot twice or out of order"
+        );
+        assert!(seq_b > seq_a, "seq {seq_b} after {seq_a}");
+        assert_eq!(slot_b % PUBLISHER_TICK_MS, 0, "slots are aligned");
     }
 }
 

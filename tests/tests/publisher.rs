@@ -12,8 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tests::{
-    eventually, free_port, http_get, publisher_command, redis, Cluster, GatewayNode, PublisherNode,
-    RedisServer, TempDir, WsClient, TIMEOUT,
+    assert_slots_unique_and_ordered, eventually, free_port, http_get, leader_of, publisher_command,
+    redis, tick_fields, Cluster, GatewayNode, PublisherNode, RedisServer, TempDir, WsClient,
+    TIMEOUT,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
@@ -43,20 +44,6 @@ async fn run_cli(env: &[(&str, &str)], args: &[&str]) -> (ExitStatus, String, St
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Waits until exactly one of `nodes` reports `publisher_leader 1`; returns its index.
-async fn leader_of(nodes: &[&PublisherNode]) -> usize {
-    eventually("exactly one leader", async || {
-        let mut leaders = Vec::new();
-        for (i, node) in nodes.iter().enumerate() {
-            if node.is_leader().await {
-                leaders.push(i);
-            }
-        }
-        (leaders.len() == 1).then(|| leaders[0])
-    })
-    .await
 }
 
 // === a Redis subscriber ===
@@ -141,38 +128,6 @@ fn unix_ms_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-/// A tick as received: (unix_ms, seq, receipt time).
-fn tick_fields(tick: &Value) -> (u64, u64) {
-    let unix_ms = tick["unix_ms"].as_u64().expect("unix_ms");
-    let seq = tick["seq"].as_u64().expect("seq");
-    let time = tick["time"].as_str().expect("time");
-    assert_eq!(
-        time,
-        publisher::alert::rfc3339_millis(UNIX_EPOCH + Duration::from_millis(unix_ms)),
-        "time and unix_ms name the same instant"
-    );
-    assert_eq!(
-        tick.as_object().unwrap().len(),
-        3,
-        "only time, unix_ms, seq: {tick}"
-    );
-    (unix_ms, seq)
-}
-
-/// Asserts what must hold for any sequence of received ticks, leader changes included:
-/// every slot at most once and in order, sequence numbers increasing.
-fn assert_slots_unique_and_ordered(ticks: &[(u64, u64, u64)]) {
-    for pair in ticks.windows(2) {
-        let ((slot_a, seq_a, _), (slot_b, seq_b, _)) = (pair[0], pair[1]);
-        assert!(
-            slot_b > slot_a,
-            "slot {slot_b} after {slot_a}: a slot twice or out of order"
-        );
-        assert!(seq_b > seq_a, "seq {seq_b} after {seq_a}");
-        assert_eq!(slot_b % INTERVAL_MS, 0, "slots are aligned");
-    }
 }
 
 /// Collects `n` ticks: (unix_ms, seq, receipt time).
