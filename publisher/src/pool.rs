@@ -251,22 +251,34 @@ fn cluster_state(info: &str) -> Option<&str> {
 // === impl ClusterLink ===
 
 impl ClusterLink {
-    async fn connection(&self) -> Result<ClusterConnection, String> {
-        self.connection
-            .get_or_try_init(|| async {
-                match tokio::time::timeout(
-                    self.connect_deadline,
-                    self.client.get_async_connection(),
-                )
+    /// The connection, made now if it is not yet. The attempt runs in its own task, so a
+    /// caller with a shorter deadline of its own (a lease renewal) that gives up does not
+    /// cancel it: it completes for the callers after it.
+    async fn connection(self: &Arc<Self>) -> Result<ClusterConnection, String> {
+        if let Some(connection) = self.connection.get() {
+            return Ok(connection.clone());
+        }
+        let link = Arc::clone(self);
+        let attempt = tokio::spawn(async move {
+            link.connection
+                .get_or_try_init(|| async {
+                    match tokio::time::timeout(
+                        link.connect_deadline,
+                        link.client.get_async_connection(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(connection)) => Ok(connection),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("timed out after {:?}", link.connect_deadline)),
+                    }
+                })
                 .await
-                {
-                    Ok(Ok(connection)) => Ok(connection),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("timed out after {:?}", self.connect_deadline)),
-                }
-            })
+                .cloned()
+        });
+        attempt
             .await
-            .cloned()
+            .unwrap_or_else(|e| Err(format!("the connection attempt failed: {e}")))
     }
 }
 
