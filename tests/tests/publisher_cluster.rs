@@ -409,6 +409,51 @@ async fn with_a_primary_down_the_other_shards_publish_and_its_channels_get_503_u
     assert_eq!(status, 200);
 }
 
+// === the whole cluster down ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_started_while_the_cluster_is_down_is_unready_until_it_is_back() {
+    let mut cluster = RedisCluster::start();
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    for port in &ports {
+        cluster.node_mut(*port).kill();
+    }
+    let node = PublisherNode::start_on_cluster(&cluster, &[]).await;
+    let (status, body) = node.request("GET", "/readyz", &[], "").await;
+    assert_eq!(status, 503, "{body}");
+    let started = Instant::now();
+    let (status, body) = post_publish(&node, "room:1", json!(1)).await;
+    assert_eq!((status, &body["error"]), (503, &json!("redis_unavailable")));
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot reach Redis Cluster at redis://127.0.0.1:")),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered in time"
+    );
+    assert!(!node.is_leader().await);
+
+    // The nodes come back with their cluster configuration (nodes.conf in their dirs).
+    for port in &ports {
+        cluster.node_mut(*port).restart();
+    }
+    cluster.await_healthy();
+    eventually("/readyz 200 with the cluster back", async || {
+        let (status, _) = node.request("GET", "/readyz", &[], "").await;
+        (status == 200).then_some(())
+    })
+    .await;
+    let mut sub = ShardSubscriber::start(cluster.primary_of(cluster.slot("ticks")), &["ticks"]);
+    tick_fields(&sub.next().await.data());
+    let mut room = ShardSubscriber::start(cluster.primary_of(cluster.slot("room:1")), &["room:1"]);
+    let (status, body) = post_publish(&node, "room:1", json!("back")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(room.next().await.data(), json!("back"));
+}
+
 fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
