@@ -144,6 +144,16 @@ async fn ticks_alerts_publish_broadcast_cli_and_tail_reach_shard_subscribers_on_
         assert_in_history_on(&cluster, *port, &got);
     }
 
+    // The shell form of the README: live only, no offset.
+    for (room, _) in &shards {
+        let delivered = cluster
+            .any()
+            .cli(&["-c", "SPUBLISH", room, r#"{"shell":1}"#]);
+        assert_eq!(delivered, "1", "{room}: one subscriber, on the owner");
+        let got = subs.get_mut(room.as_str()).unwrap().next().await;
+        assert_eq!((got.data(), got.offset), (json!({"shell": 1}), None));
+    }
+
     // POST /broadcast over all three shards: one message each, offsets in request order.
     let broadcast = json!({"channels": rooms, "data": "everyone"}).to_string();
     let (status, body) = node.post("/broadcast", &broadcast).await;
