@@ -38,7 +38,8 @@ pub struct Cli {
     /// Sets `listen`, the HTTP API address.
     #[arg(long, global = true, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Sets `redis.url`.
+    /// Sets `redis.url`, a single Redis. For a Redis Cluster set `redis.cluster_nodes`
+    /// instead, e.g. `--set redis.cluster_nodes=redis://r1:7000,redis://r2:7000`.
     #[arg(long, global = true, value_name = "URL")]
     pub redis_url: Option<String>,
     /// Sets any configuration key, e.g. `--set tick.interval_ms=500`; repeatable.
