@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tests::{
     assert_slots_unique_and_ordered, eventually, leader_of, publisher_command, tick_fields,
-    PublisherNode, RedisCluster, ShardMessage, ShardSubscriber, TempDir, PUBLISHER_LEASE_MS,
-    PUBLISHER_TICK_MS, TIMEOUT,
+    GatewayNode, PublisherNode, RedisCluster, ShardMessage, ShardSubscriber, TempDir, WsClient,
+    PUBLISHER_LEASE_MS, PUBLISHER_TICK_MS, TIMEOUT,
 };
 
 /// Runs a one-shot command to completion: (status, stdout, stderr).
@@ -223,6 +223,66 @@ async fn ticks_alerts_publish_broadcast_cli_and_tail_reach_shard_subscribers_on_
     assert_eq!(m.get("publisher_alerts_total"), 1.0);
     assert_eq!(m.get(r#"publisher_published_total{channel="other"}"#), 12.0);
     assert_eq!(m.get("publisher_publish_errors_total"), 0.0);
+}
+
+// === end to end, through a gateway on the same cluster ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_alerts_and_history_reach_websocket_clients_through_a_gateway_on_the_cluster() {
+    let cluster = RedisCluster::start();
+    let gateway = GatewayNode::start(
+        "gw-1",
+        &[("GATEWAY__REDIS__CLUSTER_NODES".into(), cluster.seeds())],
+    )
+    .await;
+    gateway.await_ready(200).await;
+    let node = PublisherNode::start_on_cluster(&cluster, &[]).await;
+    let shards = cluster.one_channel_per_shard("room:");
+    let rooms: Vec<&str> = shards.iter().map(|(c, _)| c.as_str()).collect();
+    let query = format!("channels=ticks,alerts,{}", rooms.join(","));
+    let (mut client, _) = WsClient::connect_welcomed(&gateway.ws_url(&query)).await;
+
+    let first = client.until_message("ticks").await;
+    let second = client.until_message("ticks").await;
+    assert_eq!(
+        second["data"]["seq"],
+        first["data"]["seq"].as_u64().unwrap() + 1
+    );
+    assert!(first["offset"].is_string(), "{first}");
+    let (status, _) = node
+        .post(
+            "/alerts",
+            r#"{"level":"critical","text":"Fire in building 3"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let alert = client.until_message("alerts").await;
+    assert_eq!(alert["data"]["text"], "Fire in building 3");
+    assert!(alert["offset"].is_string(), "{alert}");
+
+    // On every shard: live with the offset the API answered, and what a client missed is
+    // replayed from the stream on that shard when it comes back with `since`.
+    for room in &rooms {
+        let mut offsets = Vec::new();
+        for n in 0..3 {
+            let (status, body) = post_publish(&node, room, json!({"n": n})).await;
+            assert_eq!(status, 200, "{body}");
+            let got = client.until_message(room).await;
+            assert_eq!(got["data"], json!({"n": n}));
+            assert_eq!(got["offset"], body["offset"]);
+            offsets.push(body["offset"].as_str().unwrap().to_owned());
+        }
+        let since = format!("channels={room}&since={room}@{}", offsets[0]);
+        let (mut back, _) = WsClient::connect_welcomed(&gateway.ws_url(&since)).await;
+        for (n, offset) in offsets.iter().enumerate().skip(1) {
+            let got = back.until_message(room).await;
+            assert_eq!(
+                (&got["data"], got["offset"].as_str()),
+                (&json!({"n": n}), Some(offset.as_str())),
+                "{room}"
+            );
+        }
+    }
 }
 
 // === the lease ===
