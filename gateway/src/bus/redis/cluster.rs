@@ -18,7 +18,7 @@
 //! `redis.timeout_ms` (a silent partition) ends the whole cluster client, closing its sockets,
 //! and a new one subscribes everything again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use deadpool_redis::redis::{
     self,
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
-    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo},
+    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot},
     Msg, ProtocolVersion, PushInfo, PushKind,
 };
 use rand::Rng;
@@ -244,10 +244,13 @@ impl ClusterSubscriber {
             if batch.is_empty() {
                 break;
             }
-            let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+            let mut by_slot: HashMap<Slot, Vec<String>> = HashMap::new();
             for channel in batch {
                 let key = format!("{}{}", self.config.prefix, channel);
-                by_slot.entry(slot(&key)).or_default().push(channel);
+                by_slot
+                    .entry(Slot::for_key(&key))
+                    .or_default()
+                    .push(channel);
             }
             let calls = by_slot.into_values().map(|channels| {
                 let mut conn = conn.clone();
@@ -284,10 +287,10 @@ impl ClusterSubscriber {
 
     async fn unsubscribe_released(&self, conn: &ClusterConnection) {
         let gone = self.channels.due_releases(Instant::now());
-        let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        let mut by_slot: HashMap<Slot, Vec<String>> = HashMap::new();
         for channel in gone {
             let key = format!("{}{}", self.config.prefix, channel);
-            by_slot.entry(slot(&key)).or_default().push(key);
+            by_slot.entry(Slot::for_key(&key)).or_default().push(key);
         }
         let calls = by_slot.into_values().map(|keys| {
             let mut conn = conn.clone();
@@ -425,49 +428,5 @@ async fn read_pushes(
             }
             _ => {}
         }
-    }
-}
-
-/// The Redis Cluster hash slot of a key or shard channel: CRC16 (XMODEM) of the key, or of
-/// its hash tag (the part between the first `{` and the next `}`, when not empty), mod 16384.
-pub fn slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = match bytes.iter().position(|&b| b == b'{') {
-        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
-            _ => bytes,
-        },
-        None => bytes,
-    };
-    crc16(hashed) % 16384
-}
-
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_redis_cluster_slots() {
-        // Values from `CLUSTER KEYSLOT`.
-        assert_eq!(slot("foo"), 12182);
-        assert_eq!(slot("alerts"), 4569);
-        assert_eq!(slot("history:{alerts}"), 4569);
-        assert_eq!(slot("{user1000}.following"), 3443);
-        assert_eq!(slot("foo{{bar}}zap"), 4015);
     }
 }
