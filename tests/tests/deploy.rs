@@ -155,7 +155,11 @@ fn url_encode(s: &str) -> String {
 // === docker-compose.yml ===
 
 fn compose() -> Yaml {
-    serde_yaml::from_str(&read_repo_file("docker-compose.yml")).expect("docker-compose.yml parses")
+    let mut compose: Yaml = serde_yaml::from_str(&read_repo_file("docker-compose.yml"))
+        .expect("docker-compose.yml parses");
+    // `<<: *anchor` merge keys, as Compose applies them.
+    compose.apply_merge().expect("docker-compose.yml merge keys");
+    compose
 }
 
 fn services(compose: &Yaml) -> BTreeMap<String, Yaml> {
@@ -323,7 +327,17 @@ fn compose_environment_loads_through_the_real_config_loaders() {
     }
     assert_eq!(
         seen,
-        BTreeSet::from(["gateway".to_owned(), "publisher".to_owned()]),
+        BTreeSet::from(
+            [
+                "gateway",
+                "publisher",
+                // The `cluster` profile: cluster mode (redis.cluster_nodes).
+                "gateway-cluster-1",
+                "gateway-cluster-2",
+                "publisher-cluster",
+            ]
+            .map(str::to_owned)
+        ),
         "the app services"
     );
 }
@@ -338,6 +352,13 @@ fn compose_images_builds_ports_and_mounts_are_consistent() {
     // installs both programs under the names the services run.
     let expected_images = [
         ("redis", "redis:"),
+        ("redis-c1", "redis:7"),
+        ("redis-c2", "redis:7"),
+        ("redis-c3", "redis:7"),
+        ("redis-c4", "redis:7"),
+        ("redis-c5", "redis:7"),
+        ("redis-c6", "redis:7"),
+        ("redis-cluster-init", "redis:7"),
         ("nginx", "nginx:1.27"),
         ("prometheus", "prom/prometheus:"),
         ("grafana", "grafana/grafana:"),
@@ -396,13 +417,16 @@ fn compose_images_builds_ports_and_mounts_are_consistent() {
         .expect("run publisher");
     assert!(status.success(), "`publisher run` is a real subcommand");
 
-    // Published ports: only the three front doors, on loopback.
+    // Published ports: only the three front doors (and the cluster profile's two gateways),
+    // on loopback.
     let published: BTreeMap<String, Vec<String>> = services
         .iter()
         .map(|(name, s)| (name.clone(), string_list(&s["ports"])))
         .filter(|(_, ports)| !ports.is_empty())
         .collect();
     let expected: BTreeMap<String, Vec<String>> = [
+        ("gateway-cluster-1", "127.0.0.1:8081:8080"),
+        ("gateway-cluster-2", "127.0.0.1:8082:8080"),
         ("grafana", "127.0.0.1:3000:3000"),
         ("nginx", "127.0.0.1:8080:8080"),
         ("prometheus", "127.0.0.1:9090:9090"),
