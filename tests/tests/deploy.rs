@@ -158,7 +158,9 @@ fn compose() -> Yaml {
     let mut compose: Yaml = serde_yaml::from_str(&read_repo_file("docker-compose.yml"))
         .expect("docker-compose.yml parses");
     // `<<: *anchor` merge keys, as Compose applies them.
-    compose.apply_merge().expect("docker-compose.yml merge keys");
+    compose
+        .apply_merge()
+        .expect("docker-compose.yml merge keys");
     compose
 }
 

@@ -607,7 +607,12 @@ fn the_secret_keys_are_documented_where_operators_create_the_secret() {
 
     for rendered in render_all() {
         let mut read = BTreeSet::new();
+        let mut cluster_mode = false;
         for app in rendered.app_containers() {
+            cluster_mode |= rendered
+                .env(&app)
+                .keys()
+                .any(|k| k.ends_with("__REDIS__CLUSTER_NODES"));
             for var in seq(&app.container["env"]) {
                 let r = &var["valueFrom"]["secretKeyRef"];
                 if r["name"].as_str() == Some(EXTERNAL_SECRET) {
@@ -615,11 +620,12 @@ fn the_secret_keys_are_documented_where_operators_create_the_secret() {
                 }
             }
         }
-        assert_eq!(
-            read, documented,
-            "{}: the keys the pods read",
-            rendered.name
-        );
+        // In cluster mode the seed nodes come from the ConfigMaps, not `redis-url`.
+        let mut expected = documented.clone();
+        if cluster_mode {
+            expected.remove("redis-url");
+        }
+        assert_eq!(read, expected, "{}: the keys the pods read", rendered.name);
         if rendered.name != "base" {
             assert!(
                 rendered.get("Secret", EXTERNAL_SECRET).is_none(),
@@ -936,12 +942,15 @@ async fn probes_ports_and_scrape_paths_are_served_by_real_nodes() {
         let gateway_env = r.env(&gateway);
         let config = load_gateway(&gateway_env).expect("loads (checked above)");
         let mut redis = RedisServer::start();
+        // The probes and ports are what this checks, on one local Redis: an overlay in cluster
+        // mode is run on it too (its cluster environment loads in the test above).
         let mut env = env_for_test(
             &gateway_env,
             &[
                 "GATEWAY__LISTEN",
                 "GATEWAY__ADMIN_LISTEN",
                 "GATEWAY__REDIS__URL",
+                "GATEWAY__REDIS__CLUSTER_NODES",
             ],
         );
         env.push(("GATEWAY__REDIS__URL".to_owned(), redis.url()));
@@ -1043,7 +1052,11 @@ async fn probes_ports_and_scrape_paths_are_served_by_real_nodes() {
         let config = load_publisher(&publisher_env).expect("loads (checked above)");
         let env = env_for_test(
             &publisher_env,
-            &["PUBLISHER__LISTEN", "PUBLISHER__REDIS__URL"],
+            &[
+                "PUBLISHER__LISTEN",
+                "PUBLISHER__REDIS__URL",
+                "PUBLISHER__REDIS__CLUSTER_NODES",
+            ],
         );
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut node = PublisherNode::start(&redis, &env).await;
