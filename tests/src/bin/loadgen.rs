@@ -310,13 +310,75 @@ async fn redis_cpu_secs(urls: &[String]) -> f64 {
 /// routed to its channel's shard, concurrently).
 enum Sink {
     One(redis::aio::MultiplexedConnection),
-    Cluster(redis::cluster_async::ClusterConnection),
+    /// The cluster connection, and the primary (host, port) that owns each channel, so that
+    /// each tick sends one pipeline per shard, as batched as the single Redis's.
+    Cluster(redis::cluster_async::ClusterConnection, Vec<(String, u16)>),
+}
+
+/// The primary that owns each of `channels`, from `CLUSTER SLOTS` and `CLUSTER KEYSLOT`.
+async fn owners(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    channels: &[String],
+) -> anyhow::Result<Vec<(String, u16)>> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let random = || RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+    let slots = conn
+        .route_command(redis::cmd("CLUSTER").arg("SLOTS").clone(), random())
+        .await?;
+    let redis::Value::Array(ranges) = slots else {
+        anyhow::bail!("unexpected CLUSTER SLOTS reply");
+    };
+    let mut table = Vec::new();
+    for range in ranges {
+        let redis::Value::Array(fields) = range else {
+            continue;
+        };
+        let int = |v: &redis::Value| match v {
+            redis::Value::Int(i) => Some(*i),
+            _ => None,
+        };
+        let (Some(start), Some(end)) = (int(&fields[0]), int(&fields[1])) else {
+            continue;
+        };
+        let redis::Value::Array(owner) = &fields[2] else {
+            continue;
+        };
+        let host = match &owner[0] {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            _ => continue,
+        };
+        let Some(port) = int(&owner[1]) else { continue };
+        table.push((start, end, host, port as u16));
+    }
+    let mut out = Vec::with_capacity(channels.len());
+    for channel in channels {
+        let slot = conn
+            .route_command(
+                redis::cmd("CLUSTER").arg("KEYSLOT").arg(channel).clone(),
+                random(),
+            )
+            .await?;
+        let redis::Value::Int(slot) = slot else {
+            anyhow::bail!("unexpected CLUSTER KEYSLOT reply");
+        };
+        let (_, _, host, port) = table
+            .iter()
+            .find(|(a, b, _, _)| *a <= slot && slot <= *b)
+            .ok_or_else(|| anyhow::anyhow!("no owner for slot {slot}"))?;
+        out.push((host.clone(), *port));
+    }
+    Ok(out)
 }
 
 async fn publish(args: &Args) -> anyhow::Result<u64> {
     let mut sink = if args.cluster {
         let client = redis::cluster::ClusterClient::new(args.redis.clone())?;
-        Sink::Cluster(client.get_async_connection().await?)
+        let mut conn = client.get_async_connection().await?;
+        let names: Vec<String> = (0..args.channels.max(1))
+            .map(|c| format!("{}bench-{c}", args.prefix))
+            .collect();
+        let owners = owners(&mut conn, &names).await?;
+        Sink::Cluster(conn, owners)
     } else {
         let client = redis::Client::open(args.redis[0].as_str())?;
         Sink::One(client.get_multiplexed_async_connection().await?)
@@ -346,6 +408,7 @@ async fn publish(args: &Args) -> anyhow::Result<u64> {
             let head = format!(r#"{{"seq":{},"t":{},"p":""#, seqs[channel], now_us());
             let pad = "x".repeat(args.payload.saturating_sub(head.len() + 2));
             messages.push((
+                channel,
                 format!("{}bench-{channel}", args.prefix),
                 format!("{head}{pad}\"}}"),
             ));
@@ -354,20 +417,37 @@ async fn publish(args: &Args) -> anyhow::Result<u64> {
         match &mut sink {
             Sink::One(conn) => {
                 let mut pipe = redis::pipe();
-                for (key, payload) in &messages {
+                for (_, key, payload) in &messages {
                     pipe.cmd("PUBLISH").arg(key).arg(payload).ignore();
                 }
                 pipe.query_async::<()>(conn).await?;
             }
-            Sink::Cluster(conn) => {
-                let sends = messages.into_iter().map(|(key, payload)| {
+            Sink::Cluster(conn, owners) => {
+                // One pipeline per shard, sent to its primary, concurrently.
+                let mut per_node: HashMap<(String, u16), redis::Pipeline> = HashMap::new();
+                let mut counts: HashMap<(String, u16), usize> = HashMap::new();
+                for (c, key, payload) in &messages {
+                    let owner = owners[*c].clone();
+                    per_node
+                        .entry(owner.clone())
+                        .or_default()
+                        .cmd("SPUBLISH")
+                        .arg(key)
+                        .arg(payload);
+                    *counts.entry(owner).or_default() += 1;
+                }
+                let sends = per_node.into_iter().map(|(owner, pipe)| {
                     let mut conn = conn.clone();
+                    let count = counts[&owner];
                     async move {
-                        redis::cmd("SPUBLISH")
-                            .arg(key)
-                            .arg(payload)
-                            .query_async::<i64>(&mut conn)
-                            .await
+                        let (host, port) = owner;
+                        conn.route_pipeline(
+                            pipe,
+                            0,
+                            count,
+                            redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port },
+                        )
+                        .await
                     }
                 });
                 for result in futures_util::future::join_all(sends).await {
