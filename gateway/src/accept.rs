@@ -39,8 +39,12 @@ pub async fn serve(
                 }
             },
         };
-        // No TCP_NODELAY: measured (BENCHMARKS.md), it cost 9-20 % throughput under load
-        // with no latency gain; the session already batches its frames per flush.
+        // TCP_NODELAY: the session batches in user space (every frame queued by a wake-up
+        // leaves in one flush), so Nagle has nothing left to coalesce on loopback, and on a
+        // real network it would hold the second of two back-to-back flushes until the first
+        // is acknowledged (a round trip plus the peer's delayed-ACK timer). A socket that
+        // refuses the option is served anyway.
+        let _ = stream.set_nodelay(true);
         let router = router.clone();
         let stop = stop.clone();
         connections.spawn(async move {

@@ -25,7 +25,6 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::config::AuthConfig;
 use crate::protocol;
 
 /// The most patterns one claim may carry (they live as long as the session).
@@ -104,18 +103,22 @@ fn validation(alg: Algorithm) -> Validation {
 // === impl Verifier ===
 
 impl Verifier {
-    /// The verifier for `config`, or None when auth is off (no key configured). Reads and
-    /// checks `auth.public_key_file`.
-    pub fn from_config(config: &AuthConfig) -> Result<Option<Verifier>, KeyError> {
+    /// The verifier for these keys (the configuration's `auth.secret` and `auth.secrets`, and
+    /// `auth.public_key_file`, which is read and checked), or None when there are none: auth
+    /// is off. Takes the keys, not the configuration: the configuration holds data, this
+    /// builds from it.
+    pub fn from_keys<'a>(
+        secrets: impl IntoIterator<Item = &'a str>,
+        public_key_file: Option<&Path>,
+    ) -> Result<Option<Verifier>, KeyError> {
         let mut keys = Vec::new();
-        let secrets = config.secret.iter().chain(config.secrets.iter());
         for secret in secrets {
             keys.push((
-                DecodingKey::from_secret(secret.expose().as_bytes()),
+                DecodingKey::from_secret(secret.as_bytes()),
                 validation(Algorithm::HS256),
             ));
         }
-        if let Some(path) = &config.public_key_file {
+        if let Some(path) = public_key_file {
             keys.push(load_public_key(path)?);
         }
         Ok((!keys.is_empty()).then_some(Verifier { keys }))
@@ -271,19 +274,15 @@ fn probe_token(alg: Algorithm) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
 
     fn verifier(secrets: &[&str]) -> Verifier {
-        let config = AuthConfig {
-            secret: Some(Secret::new(secrets[0])),
-            secrets: secrets[1..].iter().map(|s| Secret::new(*s)).collect(),
-            public_key_file: None,
-        };
-        Verifier::from_config(&config).unwrap().unwrap()
+        Verifier::from_keys(secrets.iter().copied(), None)
+            .unwrap()
+            .unwrap()
     }
 
     fn token(secret: &str, alg: Algorithm, claims: serde_json::Value) -> String {
@@ -383,22 +382,12 @@ mod tests {
         )
         .unwrap();
         for path in [bad, dir.join("missing.pem")] {
-            let config = AuthConfig {
-                secret: None,
-                secrets: Vec::new(),
-                public_key_file: Some(path),
-            };
-            let e = Verifier::from_config(&config).err().expect("refused");
+            let e = Verifier::from_keys([], Some(&path)).err().expect("refused");
             assert_eq!(e.key, "auth.public_key_file");
         }
         let _ = std::fs::remove_dir_all(&dir);
         let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/es256-public.pem");
-        let config = AuthConfig {
-            secret: None,
-            secrets: Vec::new(),
-            public_key_file: Some(good),
-        };
-        let v = Verifier::from_config(&config).unwrap().unwrap();
+        let v = Verifier::from_keys([], Some(&good)).unwrap().unwrap();
         assert_eq!(v.keys[0].1.algorithms, vec![Algorithm::ES256]);
         // An HS256 token cannot pass as ES256 (no algorithm confusion).
         let t = token(

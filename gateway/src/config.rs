@@ -168,6 +168,12 @@ impl AuthConfig {
     pub fn enabled(&self) -> bool {
         self.secret.is_some() || !self.secrets.is_empty() || self.public_key_file.is_some()
     }
+
+    /// The token verifier these keys make (None = auth off); the key file is read here.
+    pub fn verifier(&self) -> Result<Option<crate::auth::Verifier>, crate::auth::KeyError> {
+        let secrets = self.secret.iter().chain(&self.secrets).map(Secret::expose);
+        crate::auth::Verifier::from_keys(secrets, self.public_key_file.as_deref())
+    }
 }
 
 /// A string kept out of `Debug` output and logs.
@@ -461,7 +467,7 @@ impl Config {
                 ));
             }
         }
-        crate::auth::Verifier::from_config(auth)
+        auth.verifier()
             .map_err(|e| invalid(e.key, e.message))
             .map(|_| ())
     }

@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //!
-//! - [`server`]: the node's shared state, HTTP routes, the upgrade, [`run`] and the drain.
+//! - [`server`]: HTTP routes, the upgrade, [`run`] and the drain.
+//! - [`node`]: the node's shared state, as sessions and handlers see it.
 //! - [`session`]: one WebSocket's life (reader, batched writer, heartbeat, close codes).
 //! - [`outbox`]: a session's outbound queue, bounded in bytes.
 //! - [`hub`]: channel → local subscribers; builds each message frame once and fans it out.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod hub;
 pub mod lease;
 pub mod metrics;
+pub mod node;
 pub mod origin;
 pub mod outbox;
 pub mod protocol;

@@ -1,10 +1,8 @@
-//! The node: shared state, the public and admin HTTP routers, the WebSocket upgrade, and
+//! The node's HTTP side: the public and admin routers, the WebSocket upgrade, and
 //! [`run`], which serves both listeners until shutdown and then drains.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
@@ -15,14 +13,14 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::auth::{AuthError, Verifier};
+use crate::auth::AuthError;
 use crate::bus::Bus;
 use crate::config::Config;
-use crate::hub::{Hub, SessionId};
+use crate::hub::Hub;
 use crate::metrics::{reason, Metrics};
-use crate::outbox::{signal, Outbox};
+use crate::node::Node;
+use crate::outbox::signal;
 use crate::protocol::close;
 use crate::{accept, origin, protocol, session, ticker};
 
@@ -43,160 +41,6 @@ pub enum RunError {
     Auth(crate::auth::KeyError),
 }
 
-/// One shard of the node's session registry.
-type SessionShard = HashMap<SessionId, Arc<Outbox>>;
-
-/// State shared by every session and handler of one node.
-pub struct Node {
-    pub config: Config,
-    pub node_name: String,
-    pub hub: Arc<Hub>,
-    pub bus: Bus,
-    pub metrics: Metrics,
-    /// Token verification; None = auth off.
-    pub verifier: Option<Verifier>,
-    /// Every open session's outbox, for the node's signals (shutdown, heartbeat): sessions
-    /// wait only on their own outbox, never on something shared with every other session.
-    /// Sharded std Mutexes, held for an insert, a remove, or one pass of signals.
-    sessions: Box<[Mutex<SessionShard>]>,
-    /// Sessions in flight, for the bounded drain.
-    tracker: TaskTracker,
-    /// Set at shutdown: `/readyz` answers 503, upgrades are refused.
-    draining: AtomicBool,
-    connections: AtomicUsize,
-    /// Sessions per client address (IPv6: per /64), when `limits.max_connections_per_ip` is
-    /// set. Sharded std Mutexes, held for one increment or decrement; an address leaves the
-    /// map with its last session, so the map is bounded by the open sessions.
-    per_ip: Box<[Mutex<HashMap<IpAddr, u32>>]>,
-    next_session: AtomicU64,
-    /// The demo page as this node serves it ([`index_page`]).
-    index_page: String,
-}
-
-/// Holds one of the node's `max_connections` slots (and of its address's
-/// `max_connections_per_ip`); released on drop.
-pub struct ConnectionSlot {
-    node: Arc<Node>,
-    ip: Option<IpAddr>,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        if let Some(ip) = self.ip {
-            let mut shard = self.node.per_ip_shard(ip);
-            if let Some(n) = shard.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    shard.remove(&ip);
-                }
-            }
-        }
-        self.node.connections.fetch_sub(1, Ordering::Relaxed);
-        self.node.metrics.connections.dec();
-    }
-}
-
-/// The key clients are counted under: the address, IPv4-mapped IPv6 as IPv4, and IPv6 by its
-/// /64 (one subscriber's allocation, which an attacker can spread over freely).
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (!0u128 << 64)).into()),
-        v4 => v4,
-    }
-}
-
-// === impl Node ===
-
-impl Node {
-    /// Take a connection slot for a client at `peer`, or the close code and reason: 1013 at
-    /// `limits.max_connections`, or at `limits.max_connections_per_ip` for its address.
-    pub fn connection_slot(
-        self: &Arc<Self>,
-        peer: IpAddr,
-    ) -> Result<ConnectionSlot, (u16, &'static str)> {
-        let max = self.config.limits.max_connections;
-        let taken = self
-            .connections
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            });
-        if taken.is_err() {
-            return Err((close::TRY_AGAIN_LATER, reason::MAX_CONNECTIONS));
-        }
-        self.metrics.connections.inc();
-        // From here on the slot's Drop gives back what was taken.
-        let mut slot = ConnectionSlot {
-            node: self.clone(),
-            ip: None,
-        };
-        let per_ip = self.config.limits.max_connections_per_ip;
-        if per_ip > 0 {
-            let ip = address_key(peer);
-            let mut shard = self.per_ip_shard(ip);
-            let n = shard.entry(ip).or_insert(0);
-            if *n as usize >= per_ip {
-                return Err((close::TRY_AGAIN_LATER, reason::MAX_CONNECTIONS_PER_IP));
-            }
-            *n += 1;
-            drop(shard);
-            slot.ip = Some(ip);
-        }
-        Ok(slot)
-    }
-
-    fn per_ip_shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
-        let h = match ip {
-            IpAddr::V4(v4) => u32::from(v4) as usize,
-            IpAddr::V6(v6) => (u128::from(v6) >> 64) as usize,
-        };
-        let shard = &self.per_ip[h % self.per_ip.len()];
-        // Poisoning: the critical sections only count.
-        shard.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn sessions_shard(
-        &self,
-        id: SessionId,
-    ) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Outbox>>> {
-        let shard = &self.sessions[id as usize % self.sessions.len()];
-        // Poisoning: the critical sections only insert, remove or iterate.
-        shard.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Make a session reachable by the node's signals. A session that registers while the
-    /// node drains is told at once.
-    pub fn register(&self, id: SessionId, outbox: &Arc<Outbox>) {
-        self.sessions_shard(id).insert(id, outbox.clone());
-        // After the insert: a drain that started earlier may have signalled this shard
-        // already, and set `draining` before it did.
-        if self.draining.load(Ordering::SeqCst) {
-            outbox.signal(signal::SHUTDOWN);
-        }
-    }
-
-    pub fn unregister(&self, id: SessionId) {
-        self.sessions_shard(id).remove(&id);
-    }
-
-    /// Send `bits` (`outbox::signal::*`) to every session.
-    fn signal_all(&self, bits: u8) {
-        for i in 0..self.sessions.len() {
-            let shard = self.sessions[i].lock().unwrap_or_else(|e| e.into_inner());
-            for outbox in shard.values() {
-                outbox.signal(bits);
-            }
-        }
-    }
-
-    pub fn next_session_id(&self) -> SessionId {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && self.bus.is_ready()
-    }
-}
-
 /// Serve `listener` (clients) and `admin_listener` (operators) until `shutdown` is cancelled,
 /// then drain: `/readyz` turns 503, no new connections, every session closes with 1001, and
 /// the node waits up to `drain_timeout_ms` for them before returning.
@@ -206,7 +50,7 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let verifier = Verifier::from_config(&config.auth).map_err(RunError::Auth)?;
+    let verifier = config.auth.verifier().map_err(RunError::Auth)?;
     let metrics = Metrics::new();
     let hub = Arc::new(Hub::new(metrics.clone()));
     // The bus and the ticker outlive the sessions' drain, so they have their own token.
@@ -217,21 +61,9 @@ pub async fn run(
         .ticks_enabled()
         .then(|| ticker::spawn(&config, &node_name, bus.clone(), background.clone()));
     let index_page = index_page(&config);
-    let node = Arc::new(Node {
-        node_name,
-        config,
-        hub,
-        bus,
-        metrics,
-        verifier,
-        sessions: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
-        tracker: TaskTracker::new(),
-        draining: AtomicBool::new(false),
-        connections: AtomicUsize::new(0),
-        per_ip: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
-        next_session: AtomicU64::new(1),
-        index_page,
-    });
+    let node = Arc::new(Node::new(
+        config, node_name, hub, bus, metrics, verifier, index_page,
+    ));
     tracing::info!(
         node = %node.node_name,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -263,21 +95,20 @@ pub async fn run(
     // Drain: /readyz turns 503 and upgrades are refused, every session is told to close with
     // 1001 (at once: not after the HTTP connections in flight, which may be slow clients
     // still sending a request head), accepting stops; then wait, bounded, for all of it.
-    node.draining.store(true, Ordering::SeqCst);
-    node.signal_all(signal::SHUTDOWN);
+    node.start_draining();
     public_stop.cancel();
     let deadline = tokio::time::Instant::now() + node.config.drain_timeout();
     if tokio::time::timeout_at(deadline, public).await.is_err() {
         tracing::warn!("drain timeout: HTTP connections still open");
     }
-    node.tracker.close();
-    let open = node.tracker.len();
-    if tokio::time::timeout_at(deadline, node.tracker.wait())
+    node.tracker().close();
+    let open = node.tracker().len();
+    if tokio::time::timeout_at(deadline, node.tracker().wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            open = node.tracker.len(),
+            open = node.tracker().len(),
             "drain timeout: sessions still open"
         );
     } else {
@@ -363,7 +194,7 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
-    let draining = node.draining.load(Ordering::Relaxed);
+    let draining = node.is_draining();
     let bus = node.bus.is_ready();
     let status = if node.ready() {
         StatusCode::OK
@@ -410,7 +241,7 @@ fn index_page(config: &Config) -> String {
 async fn index(State(node): State<Arc<Node>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        node.index_page.clone(),
+        node.index_page().to_owned(),
     )
         .into_response()
 }
@@ -509,7 +340,7 @@ async fn ws_handler(
         Ok(upgrade) => upgrade,
         Err(e) => return error(e.status(), "not_websocket", e.body_text()),
     };
-    if node.draining.load(Ordering::Relaxed) {
+    if node.is_draining() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
@@ -583,6 +414,6 @@ async fn ws_handler(
             .map(String::into_boxed_str),
         grant,
     };
-    let tracker = node.tracker.clone();
+    let tracker = node.tracker().clone();
     upgrade.on_upgrade(move |socket| tracker.track_future(session::run(socket, node, params)))
 }

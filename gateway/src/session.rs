@@ -23,9 +23,9 @@ use crate::auth::{self, Grant, Permissions};
 use crate::bus::{BusError, History, Live};
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
 use crate::metrics::{frame_type, reason};
+use crate::node::Node;
 use crate::outbox::{signal, Frame, Outbox};
 use crate::protocol::{self, close, ClientFrame, Offset};
-use crate::server::Node;
 
 /// How long a closing session waits for its close frame to be written and answered.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

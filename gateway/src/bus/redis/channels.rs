@@ -254,7 +254,7 @@ impl Channels {
                 if let Some(offset) = offset.and_then(Offset::parse) {
                     chan.position.advance(offset);
                 }
-                let born = offset.map_or_else(Instant::now, super::published_at);
+                let born = offset.map_or_else(Instant::now, super::envelope::published_at);
                 self.hub.publish(channel, payload, offset, born);
             }
             // Confirmed before the subscriber marked it, or catching up: wait for the missed.
@@ -478,7 +478,7 @@ impl Channels {
             Outcome::Replay(entries) => {
                 for (offset, payload) in &entries {
                     self.metrics.messages_received.inc();
-                    let born = super::published_at(offset);
+                    let born = super::envelope::published_at(offset);
                     self.hub.publish(channel, payload, Some(offset), born);
                 }
                 Some(position.clone())
@@ -508,7 +508,7 @@ impl Channels {
             }
             let born = offset
                 .as_deref()
-                .map_or_else(Instant::now, super::published_at);
+                .map_or_else(Instant::now, super::envelope::published_at);
             self.hub.publish(channel, &payload, offset.as_deref(), born);
             if let Some(o) = parsed {
                 chan.position.advance(o);

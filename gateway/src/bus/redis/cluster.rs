@@ -391,7 +391,7 @@ async fn read_pushes(
                     continue;
                 };
                 metrics.messages_received.inc();
-                let (offset, payload) = super::envelope(msg.get_payload_bytes());
+                let (offset, payload) = super::envelope::envelope(msg.get_payload_bytes());
                 channels.on_message(gen, channel, offset, payload);
             }
             PushKind::SSubscribe => {

@@ -272,7 +272,7 @@ async fn read_messages(
             continue;
         };
         metrics.messages_received.inc();
-        let (offset, payload) = super::envelope(msg.get_payload_bytes());
+        let (offset, payload) = super::envelope::envelope(msg.get_payload_bytes());
         channels.on_message(conn, channel, offset, payload);
     }
 }
