@@ -105,6 +105,18 @@ impl ClusterSubscriber {
                     continue;
                 }
             };
+            // Connect to every node before subscribing (the crate connects lazily after its
+            // slot map; a PING to all nodes makes every connection now).
+            let mut all = conn.clone();
+            let every_node = RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllNodes,
+                Some(ResponsePolicy::AllSucceeded),
+            ));
+            let _ = timeout(
+                self.op_timeout(),
+                all.route_command(redis::cmd("PING"), every_node),
+            )
+            .await;
             if ever_connected {
                 self.metrics.redis_reconnects.inc();
                 self.count_resubscribes("reconnect", self.channels.len());
