@@ -7,6 +7,8 @@
 #
 # Build first: cargo build --release -p tests --bin loadgen --bin gateway-node
 # REDIS_CLUSTER=1 runs the bus on a 3-primary Redis Cluster instead of one redis-server.
+# TARGET=bun BUN=<path to bun> runs NODES copies of the comparison peer tests/bench/bun-peer.js
+# instead of gateway nodes (one redis-server only); tests/bench/compare.sh does that for you.
 # Extra gateway settings come from the environment (GATEWAY__…), e.g.
 #   GATEWAY__LIMITS__SEND_QUEUE_BYTES=262144 tests/bench/scenario.sh 1 …
 set -euo pipefail
@@ -15,8 +17,15 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cd "$(dirname "$0")/../.."
 nodes=$1; shift
 bin=target/release
+target=${TARGET:-gateway}
 [ -x "$bin/gateway-node" ] && [ -x "$bin/loadgen" ] || {
   echo "build first: cargo build --release -p tests --bin loadgen --bin gateway-node" >&2; exit 1; }
+case $target in
+  gateway) ;;
+  bun) [ -x "${BUN:-}" ] || { echo "TARGET=bun needs BUN=<path to the bun binary>" >&2; exit 1; }
+       [ "${REDIS_CLUSTER:-0}" = 1 ] && { echo "the Bun peer has no cluster mode" >&2; exit 1; } ;;
+  *) echo "TARGET is gateway or bun, not $target" >&2; exit 1 ;;
+esac
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 dir=$(mktemp -d)
@@ -56,6 +65,15 @@ fi
 urls=(); gw_pids=()
 for i in $(seq 1 "$nodes"); do
   port=$(free_port); admin=$(free_port)
+  if [ "$target" = bun ]; then
+    "$BUN" tests/bench/bun-peer.js --listen "127.0.0.1:$port" --redis "redis://127.0.0.1:$redis_port" \
+      >"$dir/bun-$i.log" 2>&1 &
+    pids+=($!); gw_pids+=($!)
+    until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do
+      kill -0 "$!" 2>/dev/null || { cat "$dir/bun-$i.log" >&2; exit 1; }; sleep 0.05; done
+    urls+=("ws://127.0.0.1:$port/ws")
+    continue
+  fi
   env "${redis_env[@]}" GATEWAY__LISTEN="127.0.0.1:$port" \
   GATEWAY__ADMIN_LISTEN="127.0.0.1:$admin" GATEWAY__NODE_NAME="gw-$i" RUST_LOG=warn \
     "$bin/gateway-node" >"$dir/gw-$i.log" 2>&1 &
