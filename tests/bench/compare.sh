@@ -60,7 +60,9 @@ for scenario in "${scenarios[@]}"; do
 done
 
 floor=""
-if [ -n "${WRITE_FLOOR_C:-}" ] && command -v cc >/dev/null; then
+# The one-write floor of the same sitting (tests/bench/write_floor.c unless WRITE_FLOOR_C).
+WRITE_FLOOR_C=${WRITE_FLOOR_C:-$here/write_floor.c}
+if [ -f "$WRITE_FLOOR_C" ] && command -v cc >/dev/null; then
   cc -O2 -o "$out/write_floor" "$WRITE_FLOOR_C"
   floor=$("$out/write_floor" 2000 400000 1)
 fi
