@@ -261,17 +261,27 @@ impl RedisServer {
     }
 
     fn start_full(netns: Option<(String, String)>, extra: Vec<String>) -> RedisServer {
-        let port = free_port();
         let dir = TempDir::new("redis");
         let mut server = RedisServer {
-            port,
+            port: 0,
             dir,
             child: None,
             netns,
             extra,
         };
-        server.spawn();
-        server
+        // A port picked free can be taken by another test's process before redis-server binds
+        // it (its own, or its cluster bus port): then it exits at once, and another pair of
+        // ports is tried.
+        for _attempt in 0..5 {
+            server.port = free_port();
+            if let Some(i) = server.extra.iter().position(|a| a == "--cluster-port") {
+                server.extra[i + 1] = free_port().to_string();
+            }
+            if server.try_spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on five pairs of free ports");
     }
 
     /// `program`, inside the server's namespace when it has one.
@@ -286,7 +296,41 @@ impl RedisServer {
         }
     }
 
+    /// Start on `self.port`; false when the process exited at once (its port was taken).
+    fn try_spawn(&mut self) -> bool {
+        self.spawn_child();
+        let deadline = Instant::now() + TIMEOUT;
+        while self.cli_try(&["PING"]).as_deref() != Some("PONG") {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     fn spawn(&mut self) {
+        self.spawn_child();
+        let deadline = Instant::now() + TIMEOUT;
+        while self.cli_try(&["PING"]).as_deref() != Some("PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn_child(&mut self) {
         let bind = match &self.netns {
             None => "127.0.0.1".to_owned(),
             Some((_, ip)) => format!("127.0.0.1 {ip}"),
@@ -308,15 +352,6 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
-        let deadline = Instant::now() + TIMEOUT;
-        while self.cli_try(&["PING"]).as_deref() != Some("PONG") {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not start",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     pub fn url(&self) -> String {
