@@ -360,21 +360,60 @@ async fn a_silent_partition_is_detected_and_leaves_one_subscription_and_no_dupli
     let node = GatewayNode::start("gw-1", &env).await;
     node.await_ready(200).await;
     let (mut client, _) = WsClient::connect_welcomed(&node.ws_url("channels=p:a")).await;
+    // More sessions: one also on a live-only channel (plain PUBLISH), one on nothing at all.
+    let (mut both, _) = WsClient::connect_welcomed(&node.ws_url("channels=p:a,p:plain")).await;
+    let (mut idle, _) = WsClient::connect_welcomed(&node.ws_url("channels=p:idle")).await;
     publish_inside(&ns, &redis, "p:a", 1);
     expect_sequence(&mut client, "p:a", 1, 1).await;
+    expect_sequence(&mut both, "p:a", 1, 1).await;
 
+    let cut = std::time::Instant::now();
     ns.partition();
     node.await_ready(503).await;
+    let detected = cut.elapsed();
     publish_inside(&ns, &redis, "p:a", 2);
     publish_inside(&ns, &redis, "p:a", 3);
+    // Live only: no node is subscribed while the link is down, so nobody gets this one.
+    redis.cli(&["PUBLISH", "p:plain", "\"during\""]);
+    // Every session stays open and answers meanwhile; liveness never follows Redis.
+    for session in [&mut client, &mut both, &mut idle] {
+        let pong = session.request(json!({"type": "ping", "id": 1})).await;
+        assert_eq!(pong["type"], "pong", "{pong}");
+    }
+    assert_eq!(node.admin_get("/healthz").await.0, 200);
     // Let the node try (and fail) to reconnect across the dead link for a while.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ns.heal();
+    let healed = std::time::Instant::now();
     node.await_ready(200).await;
+    let recovered = healed.elapsed();
     for n in 4..=6 {
         publish_inside(&ns, &redis, "p:a", n);
     }
     expect_sequence(&mut client, "p:a", 2, 6).await;
+    expect_sequence(&mut both, "p:a", 2, 6).await;
+    redis.cli(&["PUBLISH", "p:plain", "\"after\""]);
+    assert_eq!(both.until_message("p:plain").await["data"], "after");
+    // Nobody was closed.
+    let metrics = node.metrics().await;
+    assert_eq!(metrics.get("gateway_connections"), 3.0);
+    let closed: f64 = metrics
+        .series
+        .iter()
+        .filter(|(k, _)| k.starts_with("gateway_disconnects_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(closed, 0.0, "sessions were closed during the partition");
+    // Found by the PING (every 300 ms, 500 ms to answer), not by an error.
+    assert!(
+        detected < Duration::from_millis(300 + 500 + 1000),
+        "the partition was noticed after {detected:?}"
+    );
+    eprintln!(
+        "measured: partition noticed (/readyz 503) after {} ms with ping_interval 300 ms and timeout 500 ms; ready {} ms after the link came back",
+        detected.as_millis(),
+        recovered.as_millis()
+    );
     // The connection declared dead was closed: once the link is back, Redis drops it.
     eventually("one subscription for the node", async || {
         (redis.numsub("p:a") == 1).then_some(())
@@ -385,4 +424,7 @@ async fn a_silent_partition_is_detected_and_leaves_one_subscription_and_no_dupli
     }
     expect_sequence(&mut client, "p:a", 7, 8).await;
     expect_quiet(&mut client, "p:a").await;
+    expect_sequence(&mut both, "p:a", 7, 8).await;
+    expect_quiet(&mut both, "p:a").await;
+    expect_quiet(&mut idle, "p:idle").await;
 }
