@@ -274,13 +274,15 @@ impl RedisServer {
     /// writes the file before it replies; only a crash of the machine could lose the last
     /// second.
     pub fn start_aof() -> RedisServer {
-        Self::start_full(None, Self::aof_args())
+        Self::start_with_args(&Self::AOF)
     }
 
-    fn aof_args() -> Vec<String> {
-        ["--appendonly", "yes", "--appendfsync", "everysec"]
-            .map(str::to_owned)
-            .to_vec()
+    const AOF: [&str; 4] = ["--appendonly", "yes", "--appendfsync", "everysec"];
+
+    /// With more `redis-server` arguments (they win over the defaults above, e.g.
+    /// `--key-load-delay` to make loading the data at start slow).
+    pub fn start_with_args(args: &[&str]) -> RedisServer {
+        Self::start_full(None, args.iter().map(|a| a.to_string()).collect())
     }
 
     /// Start it inside `ns`, listening on the namespace's address (and its loopback).
@@ -960,7 +962,7 @@ pub struct ClusterBuilder {
     nodes: usize,
     env: Vec<(String, String)>,
     redis_user: Option<String>,
-    redis_aof: bool,
+    redis_args: Vec<String>,
 }
 
 impl ClusterBuilder {
@@ -983,18 +985,20 @@ impl ClusterBuilder {
     }
 
     /// Redis keeps its data across restarts ([`RedisServer::start_aof`]).
-    pub fn redis_aof(mut self) -> Self {
-        self.redis_aof = true;
+    pub fn redis_aof(self) -> Self {
+        self.redis_args(&RedisServer::AOF)
+    }
+
+    /// More `redis-server` arguments (see [`RedisServer::start_with_args`]).
+    pub fn redis_args(mut self, args: &[&str]) -> Self {
+        self.redis_args.extend(args.iter().map(|a| a.to_string()));
         self
     }
 
     /// Start redis and the nodes; returns once every node is ready (Redis connected).
     pub async fn start(self) -> Cluster {
-        let redis = if self.redis_aof {
-            RedisServer::start_aof()
-        } else {
-            RedisServer::start()
-        };
+        let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
+        let redis = RedisServer::start_with_args(&args);
         let url = match &self.redis_user {
             None => redis.url(),
             Some(user) => {
