@@ -408,3 +408,65 @@ async fn without_persistence_a_redis_restart_is_history_gone_never_a_silent_gap(
         told.as_millis()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_still_loading_its_data_is_waited_for_not_taken_for_lost_history() {
+    // Loading takes a few seconds (10 ms per key, a Redis debug setting, and 300 keys), and
+    // Redis answers clients meanwhile (-LOADING), as it does while loading a large dataset.
+    let mut cluster = Cluster::builder()
+        .nodes(1)
+        .redis_aof()
+        .redis_args(&["--key-load-delay", "10000"])
+        .redis_args(&["--loading-process-events-interval-bytes", "1024"])
+        .env("GATEWAY__REDIS__BACKOFF_MIN_MS", "50")
+        .env("GATEWAY__REDIS__BACKOFF_MAX_MS", "200")
+        .start()
+        .await;
+    let publisher =
+        PublisherNode::start(&cluster.redis, &[("PUBLISHER__TICK__ENABLED", "false")]).await;
+    let node = &cluster.nodes[0];
+    let (mut stays, _) = WsClient::connect_welcomed(&node.ws_url("channels=l:x")).await;
+    let (mut leaves, _) = WsClient::connect_welcomed(&node.ws_url("channels=l:x")).await;
+    for n in 1..=3 {
+        publish(publisher.port, "l:x", n).await;
+    }
+    expect_only(&mut stays, "l:x", 1, 3).await;
+    let last = expect_only(&mut leaves, "l:x", 1, 3).await;
+    drop(leaves);
+    // Values of 1 KiB: Redis serves clients between two of them.
+    let mut fill = vec!["MSET".to_owned()];
+    for i in 0..300 {
+        fill.extend([format!("filler:{i}"), "x".repeat(1024)]);
+    }
+    cluster
+        .redis
+        .cli(&fill.iter().map(String::as_str).collect::<Vec<_>>());
+    // Into the AOF's base file, which is what the delay slows down.
+    cluster.redis.cli(&["BGREWRITEAOF"]);
+    eventually("the AOF rewrite", async || {
+        let info = cluster.redis.cli(&["INFO", "persistence"]);
+        (info.contains("aof_rewrite_in_progress:0") && info.contains("aof_rewrite_scheduled:0"))
+            .then_some(())
+    })
+    .await;
+
+    cluster.redis.kill();
+    node.await_ready(503).await;
+    // A client resumes while Redis is down, then loading: it waits for its welcome.
+    let url = node.ws_url(&format!("channels=l:x&since=l:x@{last}"));
+    let mut back = WsClient::connect(&url).await;
+    let loading = Instant::now();
+    // Returns once Redis answers PING, i.e. has loaded its data; the node tried meanwhile.
+    tokio::task::block_in_place(|| cluster.redis.start_again());
+    assert!(
+        loading.elapsed() > Duration::from_secs(2),
+        "Redis loaded too fast to test anything"
+    );
+    publish_when_up(&publisher, "l:x", 4).await;
+
+    // Neither the node's catch-up nor the resume took "loading" for lost history.
+    expect_only(&mut stays, "l:x", 4, 4).await;
+    back.expect_type("welcome").await;
+    expect_only(&mut back, "l:x", 4, 4).await;
+    node.await_ready(200).await;
+}
