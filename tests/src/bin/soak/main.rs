@@ -266,9 +266,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             })
             .await?;
             println!(
-                "soak: Redis restarted at {:.0} s: down {} ms, nodes ready {} ms and the publisher {} ms after it answered",
+                "soak: Redis restarted at {:.0} s: down {} ms, loading {} ms, then nodes ready in {} ms and the publisher in {} ms",
                 restart.at_secs,
                 restart.down.as_millis(),
+                restart.loading.as_millis(),
                 restart.nodes_ready.as_millis(),
                 restart.publisher_ok.as_millis()
             );
@@ -520,13 +521,14 @@ fn print_report(
         };
         println!();
         println!("Redis restarts: {} (min / median / max ms)", restarts.len());
-        println!("- down (SIGKILL → answers again): {}", ms(&|r| r.down));
         println!(
-            "- every node ready after Redis answered: {}",
-            ms(&|r| r.nodes_ready)
+            "- down (SIGKILL → the new Redis answers): {}",
+            ms(&|r| r.down)
         );
+        println!("- loading its AOF: {}", ms(&|r| r.loading));
+        println!("- loaded → every node ready: {}", ms(&|r| r.nodes_ready));
         println!(
-            "- publisher accepting after Redis answered: {}",
+            "- loaded → the publisher accepts again: {}",
             ms(&|r| r.publisher_ok)
         );
     }

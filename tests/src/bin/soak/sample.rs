@@ -119,30 +119,36 @@ pub async fn sample(
 #[derive(Debug, Clone)]
 pub struct Restart {
     pub at_secs: f64,
-    /// SIGKILL → Redis answers PING again (the supervisor's pause plus loading the AOF).
+    /// SIGKILL → the new Redis answers (the supervisor's pause, then start-up).
     pub down: Duration,
-    /// Redis answers → every node's `/readyz` is 200 (resubscribed and caught up).
+    /// It answers → it has loaded its AOF (`loading:0`).
+    pub loading: Duration,
+    /// Loaded → every node's `/readyz` is 200 (resubscribed and caught up).
     pub nodes_ready: Duration,
-    /// Redis answers → the publisher accepts a message again.
+    /// Loaded → the publisher accepts a message again.
     pub publisher_ok: Duration,
 }
 
-async fn redis_pid(url: &str) -> Option<u32> {
+/// `INFO` (answered even while Redis loads its data): (process id, still loading).
+async fn redis_info(url: &str) -> Option<(u32, bool)> {
     let client = redis::Client::open(url).ok()?;
     let query = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("INFO")
-            .arg("server")
-            .query_async::<String>(&mut conn)
-            .await
+        redis::cmd("INFO").query_async::<String>(&mut conn).await
     };
     let info = tokio::time::timeout(Duration::from_secs(2), query)
         .await
         .ok()?
         .ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|pid| pid.trim().parse().ok())
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+    };
+    Some((
+        field("process_id:")?.parse().ok()?,
+        field("loading:")? == "1",
+    ))
 }
 
 /// SIGKILL the Redis that `tests/bench/soak.sh` runs under its supervisor loop (which starts
@@ -154,7 +160,7 @@ pub async fn restart_redis(
     publish_ok: impl AsyncFn() -> bool,
 ) -> anyhow::Result<Restart> {
     let at_secs = started.elapsed().as_secs_f64();
-    let pid = redis_pid(redis_url)
+    let (pid, _) = redis_info(redis_url)
         .await
         .ok_or_else(|| anyhow::anyhow!("Redis does not answer INFO"))?;
     let killed = std::process::Command::new("kill")
@@ -163,14 +169,21 @@ pub async fn restart_redis(
     anyhow::ensure!(killed.success(), "kill -KILL {pid} failed");
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(60);
+    let mut answered = None;
     let up = loop {
-        match redis_pid(redis_url).await {
-            Some(new) if new != pid => break Instant::now(),
+        match redis_info(redis_url).await {
+            Some((new, loading)) if new != pid => {
+                answered.get_or_insert_with(Instant::now);
+                if !loading {
+                    break Instant::now();
+                }
+            }
             _ => {}
         }
         anyhow::ensure!(Instant::now() < deadline, "Redis did not come back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let answered = answered.unwrap_or(up);
     let (mut nodes_ready, mut publisher_ok) = (None, None);
     while nodes_ready.is_none() || publisher_ok.is_none() {
         anyhow::ensure!(
@@ -193,7 +206,8 @@ pub async fn restart_redis(
     }
     Ok(Restart {
         at_secs,
-        down: up - t0,
+        down: answered - t0,
+        loading: up - answered,
         nodes_ready: nodes_ready.unwrap_or_default(),
         publisher_ok: publisher_ok.unwrap_or_default(),
     })
