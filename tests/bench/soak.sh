@@ -67,7 +67,7 @@ touch "$dir/redis.run"
     wait $! || true
     [ -e "$dir/redis.run" ] && sleep "${SOAK_REDIS_DOWN_SECS:-1}"
   done
-) &
+) 2>>"$logs/redis.log" &
 pids+=($!)
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
 redis_url="redis://127.0.0.1:$redis_port"
