@@ -187,6 +187,21 @@ pub fn message_identity(frame: &str) -> Option<(&str, &str)> {
     Some((channel, offset))
 }
 
+/// The channel a `message` frame, or an `error` frame naming one, is about: read back from the
+/// frame's text, whose field order this module fixes (channel names never need escaping).
+pub fn frame_channel(frame: &str) -> Option<&str> {
+    const MESSAGE: &str = r#"{"type":"message","channel":""#;
+    const ERROR: &str = r#"{"type":"error","#;
+    // Not inside an escaped string: there a quote is always preceded by a backslash.
+    const CHANNEL: &str = r#","channel":""#;
+    let rest = match frame.strip_prefix(MESSAGE) {
+        Some(rest) => rest,
+        None if frame.starts_with(ERROR) => &frame[frame.find(CHANNEL)? + CHANNEL.len()..],
+        None => return None,
+    };
+    rest.get(..rest.find('"')?)
+}
+
 // === client frames ===
 
 /// A frame a client sent, parsed and validated for shape (not yet for permission).
@@ -559,6 +574,20 @@ mod tests {
         let f = message_frame("chat:a", br#"",\"offset\":\"e:9-9""#, None);
         assert_eq!(message_identity(&f), None);
         assert_eq!(message_identity(&error_frame("x", "y", None, None)), None);
+    }
+
+    #[test]
+    fn frame_channel_reads_back_messages_and_errors() {
+        let f = message_frame("chat:a", br#"{"channel":"x"}"#, Some("e:1-2"));
+        assert_eq!(frame_channel(&f), Some("chat:a"));
+        assert_eq!(frame_channel(&message_frame("b", b"1", None)), Some("b"));
+        let gone = error_frame("history_gone", r#"","channel":"x"#, Some("c"), None);
+        assert_eq!(frame_channel(&gone), Some("c"));
+        assert_eq!(
+            frame_channel(&error_frame("bad_json", "no", None, None)),
+            None
+        );
+        assert_eq!(frame_channel(&ack_frame("subscribed", "c", None)), None);
     }
 
     #[test]

@@ -148,6 +148,9 @@ enum Then {
     Subscribe {
         id: Option<Box<RawValue>>,
         since: Option<Offset>,
+        /// The session joined the channel with this `subscribe` (it was not subscribed
+        /// already): until it is told `subscribed`, the channel's frames are not its own.
+        joined: bool,
     },
 }
 
@@ -431,7 +434,7 @@ impl Session {
             self.watermark(&channel, at);
         }
         match then {
-            Then::Subscribe { id, since } => {
+            Then::Subscribe { id, since, .. } => {
                 if !self.channels.contains(&channel) {
                     // Unsubscribed meanwhile (and answered then).
                     return Ok(());
@@ -456,6 +459,39 @@ impl Session {
                 self.write_batch(ws, batch).await
             }
         }
+    }
+
+    /// Before writing `batch` while subscribes wait for the bus: answer those whose channel
+    /// became live meanwhile (their watermark then drops what the node caught up before the
+    /// session was told), and drop the frames of channels the session joined and was not told
+    /// `subscribed` for yet. The node hands a channel's catch-up to the hub before it tells
+    /// the waiting sessions, so without this a session could write those frames ahead of its
+    /// `subscribed` and of its own `since` replay: duplicates, out of order. Nothing it is
+    /// owed is lost: what is owed starts with `subscribed`, and a `since` replay covers what
+    /// came before.
+    async fn before_joined(
+        &mut self,
+        ws: &mut WebSocket,
+        batch: &mut VecDeque<Frame>,
+    ) -> Result<(), End> {
+        while let Some(live) = ready_live(&mut self.pending) {
+            self.on_live(ws, live, batch).await?;
+        }
+        let Some(pending) = self.pending.as_deref() else {
+            return Ok(());
+        };
+        let joining: Vec<&str> = pending
+            .waits
+            .iter()
+            .filter(|w| matches!(w.then, Then::Subscribe { joined: true, .. }))
+            .map(|w| &*w.channel)
+            .collect();
+        if !joining.is_empty() {
+            batch.retain(|frame| {
+                protocol::frame_channel(frame.text.as_str()).is_none_or(|c| !joining.contains(&c))
+            });
+        }
+        Ok(())
     }
 
     /// Whether the welcome has not been sent yet.
@@ -571,6 +607,11 @@ impl Session {
                     }
                     if !self.outbox.take(&mut batch) {
                         return End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER);
+                    }
+                    if self.pending.is_some() {
+                        if let Err(end) = Box::pin(self.before_joined(ws, &mut batch)).await {
+                            return end;
+                        }
                     }
                     if let Err(end) = self.write_batch(ws, &mut batch).await {
                         return end;
@@ -920,6 +961,7 @@ impl Session {
             then: Then::Subscribe {
                 id: id.map(ToOwned::to_owned),
                 since,
+                joined: added,
             },
         });
         Ok(())
@@ -1058,6 +1100,22 @@ fn next_live(
         }
         std::task::Poll::Pending
     })
+}
+
+/// A wait whose channel is live already, as [`next_live`] would complete with it, without
+/// waiting.
+fn ready_live(pending: &mut Option<Box<Pending>>) -> Option<(usize, Option<Offset>)> {
+    use tokio::sync::oneshot::error::TryRecvError;
+    let pending = pending.as_deref_mut()?;
+    pending
+        .waits
+        .iter_mut()
+        .enumerate()
+        .find_map(|(i, wait)| match wait.live.try_recv() {
+            Ok(Live(at)) => Some((i, at)),
+            Err(TryRecvError::Closed) => Some((i, None)),
+            Err(TryRecvError::Empty) => None,
+        })
 }
 
 /// Map a WebSocket read/write error to how the session ends.

@@ -201,21 +201,35 @@ impl NetNs {
         command
     }
 
-    fn set_far_end(&self, state: &str) {
-        let status = Command::new("ip")
-            .args(["-n", &self.name, "link", "set", &self.ns_if, state])
+    fn set_link(&self, inside: bool, state: &str) {
+        let mut command = Command::new("ip");
+        if inside {
+            command.args(["-n", &self.name]);
+        }
+        let interface = if inside { &self.ns_if } else { &self.host_if };
+        let status = command
+            .args(["link", "set", interface, state])
             .status()
             .expect("run ip");
-        assert!(status.success(), "ip link set {} {state}", self.ns_if);
+        assert!(status.success(), "ip link set {interface} {state}");
     }
 
-    /// Drop every packet on the link, silently.
+    /// Drop every packet on the link, silently for processes on this side: the far end goes
+    /// down, this one merely loses its carrier (sends are dropped, nothing fails).
     pub fn partition(&self) {
-        self.set_far_end("down");
+        self.set_link(true, "down");
     }
 
+    /// The same, silently for processes inside the namespace: this end goes down. (A process
+    /// whose own interface is down gets errors at once instead, which is not a partition.)
+    pub fn partition_inside(&self) {
+        self.set_link(false, "down");
+    }
+
+    /// Both ends up again (after either kind of partition).
     pub fn heal(&self) {
-        self.set_far_end("up");
+        self.set_link(false, "up");
+        self.set_link(true, "up");
     }
 }
 
@@ -234,16 +248,19 @@ impl Drop for NetNs {
 
 // === redis ===
 
-/// A real `redis-server` on a free port, no persistence, in its own temp dir; optionally
-/// inside a [`NetNs`], reachable from here at the namespace's address.
+/// A real `redis-server` on a free port in its own temp dir, without persistence unless
+/// started with [`RedisServer::start_aof`]; optionally inside a [`NetNs`], reachable from here
+/// at the namespace's address, or here and also from inside one ([`RedisServer::start_for`]).
 pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
     /// The namespace's name and address, when it runs in one.
     netns: Option<(String, String)>,
-    /// More `redis-server` arguments (cluster mode).
+    /// More `redis-server` arguments (cluster mode, `appendonly yes`, another address).
     extra: Vec<String>,
+    /// The host end of a [`NetNs`] link it also listens on (see [`RedisServer::url_from`]).
+    also_on: Option<String>,
 }
 
 impl RedisServer {
@@ -251,9 +268,35 @@ impl RedisServer {
         Self::start_with(None)
     }
 
+    /// With the append-only file on (`appendonly yes`, `appendfsync everysec`, as Redis
+    /// recommends): [`RedisServer::restart`] and [`RedisServer::start_again`] reload the data
+    /// from the same directory. Even SIGKILL loses nothing that was acknowledged, since Redis
+    /// writes the file before it replies; only a crash of the machine could lose the last
+    /// second.
+    pub fn start_aof() -> RedisServer {
+        Self::start_with_args(&Self::AOF)
+    }
+
+    const AOF: [&str; 4] = ["--appendonly", "yes", "--appendfsync", "everysec"];
+
+    /// With more `redis-server` arguments (they win over the defaults above, e.g.
+    /// `--key-load-delay` to make loading the data at start slow).
+    pub fn start_with_args(args: &[&str]) -> RedisServer {
+        Self::start_full(None, args.iter().map(|a| a.to_string()).collect())
+    }
+
     /// Start it inside `ns`, listening on the namespace's address (and its loopback).
     pub fn start_in(ns: &NetNs) -> RedisServer {
         Self::start_with(Some((ns.name.clone(), ns.ns_ip.clone())))
+    }
+
+    /// Start it here, listening on loopback and on this end of `ns`'s link, so that processes
+    /// inside `ns` reach it at [`RedisServer::url_from`] (and lose it with the link).
+    pub fn start_for(ns: &NetNs) -> RedisServer {
+        let mut server = Self::unstarted(None, Vec::new());
+        server.also_on = Some(ns.host_ip.clone());
+        server.spawn();
+        server
     }
 
     fn start_with(netns: Option<(String, String)>) -> RedisServer {
@@ -261,14 +304,7 @@ impl RedisServer {
     }
 
     fn start_full(netns: Option<(String, String)>, extra: Vec<String>) -> RedisServer {
-        let dir = TempDir::new("redis");
-        let mut server = RedisServer {
-            port: 0,
-            dir,
-            child: None,
-            netns,
-            extra,
-        };
+        let mut server = Self::unstarted(netns, extra);
         // A port picked free can be taken by another test's process before redis-server binds
         // it (its own, or its cluster bus port): then it exits at once, and another pair of
         // ports is tried.
@@ -282,6 +318,17 @@ impl RedisServer {
             }
         }
         panic!("redis-server did not start on five pairs of free ports");
+    }
+
+    fn unstarted(netns: Option<(String, String)>, extra: Vec<String>) -> RedisServer {
+        RedisServer {
+            port: free_port(),
+            dir: TempDir::new("redis"),
+            child: None,
+            netns,
+            extra,
+            also_on: None,
+        }
     }
 
     /// `program`, inside the server's namespace when it has one.
@@ -331,16 +378,22 @@ impl RedisServer {
     }
 
     fn spawn_child(&mut self) {
-        let bind = match &self.netns {
+        let other = self
+            .netns
+            .as_ref()
+            .map(|(_, ip)| ip)
+            .or(self.also_on.as_ref());
+        let bind = match other {
             None => "127.0.0.1".to_owned(),
-            Some((_, ip)) => format!("127.0.0.1 {ip}"),
+            Some(ip) => format!("127.0.0.1 {ip}"),
         };
         let child = self
             .command("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", &bind])
             .args(["--protected-mode", "no"])
-            .args(&self.extra)
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            // Later arguments win: `appendonly yes` for a server started with AOF.
+            .args(&self.extra)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -371,6 +424,34 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Start it again after [`RedisServer::kill`], on the same port and directory (with AOF,
+    /// with the same data); returns once it answers PING.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "redis-server is still running");
+        self.spawn();
+    }
+
+    /// The URL a process inside `ns` uses to reach a server started with
+    /// [`RedisServer::start_for`]`(ns)`.
+    pub fn url_from(&self, ns: &NetNs) -> String {
+        assert_eq!(
+            self.also_on.as_deref(),
+            Some(ns.host_ip.as_str()),
+            "url_from needs a server started with RedisServer::start_for(ns)"
+        );
+        format!("redis://{}:{}", ns.host_ip, self.port)
+    }
+
+    /// `redis-cli ARGS` as a command to spawn (e.g. a long-running `MONITOR`), inside the
+    /// server's namespace when it has one.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = self.command("redis-cli");
+        command
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args);
+        command
     }
 
     /// As [`RedisServer::cli`], None when it fails.
@@ -953,6 +1034,8 @@ pub const PUBLISHER_LEASE_MS: u64 = 1000;
 
 /// `publisher run` on a free port, configured through the environment like in production.
 pub struct PublisherNode {
+    /// The address it listens on: 127.0.0.1, or its namespace's address.
+    pub host: String,
     pub port: u16,
     child: tokio::process::Child,
 }
@@ -961,21 +1044,43 @@ impl PublisherNode {
     /// Starts a node on `redis` with short tick and lease settings (overridable through `env`)
     /// and waits until `/healthz` answers.
     pub async fn start(redis: &RedisServer, env: &[(&str, &str)]) -> PublisherNode {
-        Self::spawn(("PUBLISHER__REDIS__URL", redis.url()), env).await
+        Self::start_with(("PUBLISHER__REDIS__URL", redis.url()), None, env).await
     }
 
     /// As [`PublisherNode::start`], in cluster mode: every node of `cluster` is a seed
     /// (`redis.cluster_nodes`).
     pub async fn start_on_cluster(cluster: &RedisCluster, env: &[(&str, &str)]) -> PublisherNode {
-        Self::spawn(("PUBLISHER__REDIS__CLUSTER_NODES", cluster.seeds()), env).await
+        Self::start_with(
+            ("PUBLISHER__REDIS__CLUSTER_NODES", cluster.seeds()),
+            None,
+            env,
+        )
+        .await
     }
 
-    async fn spawn(redis: (&str, String), env: &[(&str, &str)]) -> PublisherNode {
+    /// As [`PublisherNode::start`], inside `ns` on Redis at `redis_url` (see
+    /// [`RedisServer::url_from`]), listening on the namespace's address: its API answers from
+    /// here only while the link is up.
+    pub async fn start_in(ns: &NetNs, redis_url: &str, env: &[(&str, &str)]) -> PublisherNode {
+        Self::start_with(
+            ("PUBLISHER__REDIS__URL", redis_url.to_owned()),
+            Some(ns),
+            env,
+        )
+        .await
+    }
+
+    async fn start_with(
+        redis: (&str, String),
+        ns: Option<&NetNs>,
+        env: &[(&str, &str)],
+    ) -> PublisherNode {
+        let host = ns.map_or("127.0.0.1", |ns| &ns.ns_ip).to_owned();
         for _attempt in 0..3 {
             let port = free_port();
-            let mut child = publisher_command()
+            let mut child = publisher_command_in(ns)
                 .env(redis.0, &redis.1)
-                .env("PUBLISHER__LISTEN", format!("127.0.0.1:{port}"))
+                .env("PUBLISHER__LISTEN", format!("{host}:{port}"))
                 .env(
                     "PUBLISHER__TICK__INTERVAL_MS",
                     PUBLISHER_TICK_MS.to_string(),
@@ -993,9 +1098,10 @@ impl PublisherNode {
                 }
                 // The metrics name the program: another test's process that won the port race
                 // would answer `/healthz` too.
-                if let Ok((200, body)) = http_get(port, "/metrics").await {
+                let metrics = http_request_to(&host, port, "GET", "/metrics", &[], "").await;
+                if let Ok((200, body)) = metrics {
                     if body.contains("publisher_ticks_total") {
-                        return PublisherNode { port, child };
+                        return PublisherNode { host, port, child };
                     }
                 }
                 assert!(Instant::now() < deadline, "publisher did not start");
@@ -1013,7 +1119,7 @@ impl PublisherNode {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, serde_json::Value) {
-        let (status, text) = http_request(self.port, method, path, headers, body)
+        let (status, text) = http_request_to(&self.host, self.port, method, path, headers, body)
             .await
             .expect("publisher answers");
         let value = serde_json::from_str(&text)
@@ -1027,7 +1133,9 @@ impl PublisherNode {
     }
 
     pub async fn metrics(&self) -> Metrics {
-        let (status, body) = http_get(self.port, "/metrics").await.expect("metrics");
+        let (status, body) = http_request_to(&self.host, self.port, "GET", "/metrics", &[], "")
+            .await
+            .expect("metrics");
         assert_eq!(status, 200);
         Metrics::parse(&body)
     }
@@ -1108,7 +1216,22 @@ pub fn assert_slots_unique_and_ordered(ticks: &[(u64, u64, u64)]) {
 
 /// The program with a clean environment; killed if its owner is dropped.
 pub fn publisher_command() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(bin_path("publisher-node"));
+    publisher_command_in(None)
+}
+
+/// [`publisher_command`], run inside `ns` when given (`ip netns exec` execs the program, so
+/// the child's pid is still the publisher's).
+fn publisher_command_in(ns: Option<&NetNs>) -> tokio::process::Command {
+    let mut command = match ns {
+        None => tokio::process::Command::new(bin_path("publisher-node")),
+        Some(ns) => {
+            let mut command = tokio::process::Command::new("ip");
+            command
+                .args(["netns", "exec", &ns.name])
+                .arg(bin_path("publisher-node"));
+            command
+        }
+    };
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -1133,6 +1256,7 @@ pub struct ClusterBuilder {
     nodes: usize,
     env: Vec<(String, String)>,
     redis_user: Option<String>,
+    redis_args: Vec<String>,
 }
 
 impl ClusterBuilder {
@@ -1154,9 +1278,21 @@ impl ClusterBuilder {
         self
     }
 
+    /// Redis keeps its data across restarts ([`RedisServer::start_aof`]).
+    pub fn redis_aof(self) -> Self {
+        self.redis_args(&RedisServer::AOF)
+    }
+
+    /// More `redis-server` arguments (see [`RedisServer::start_with_args`]).
+    pub fn redis_args(mut self, args: &[&str]) -> Self {
+        self.redis_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     /// Start redis and the nodes; returns once every node is ready (Redis connected).
     pub async fn start(self) -> Cluster {
-        let redis = RedisServer::start();
+        let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
+        let redis = RedisServer::start_with_args(&args);
         let url = match &self.redis_user {
             None => redis.url(),
             Some(user) => {
@@ -1426,9 +1562,34 @@ pub async fn http_exchange(
     headers: &[(&str, &str)],
     body: &str,
 ) -> std::io::Result<HttpResponse> {
+    http_exchange_to("127.0.0.1", port, method, path, headers, body).await
+}
+
+/// [`http_request`] to `host:port` (e.g. a process in a [`NetNs`]).
+pub async fn http_request_to(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let response = http_exchange_to(host, port, method, path, headers, body).await?;
+    Ok((response.status, response.body))
+}
+
+/// [`http_exchange`] to `host:port`.
+pub async fn http_exchange_to(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpResponse> {
     let io = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
+        let mut stream = TcpStream::connect((host, port)).await?;
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n");
         if !headers
             .iter()
             .any(|(k, _)| k.eq_ignore_ascii_case("connection"))

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 use tests::{
     bin_path, eventually, expect_error, expect_quiet, expect_sequence, http_request, publish,
-    Cluster, GatewayNode, NetNs, PublisherNode, RedisServer, WsClient,
+    redis, Cluster, GatewayNode, NetNs, PublisherNode, RedisServer, WsClient,
 };
 
 const USER: &str = "gw";
@@ -360,21 +360,60 @@ async fn a_silent_partition_is_detected_and_leaves_one_subscription_and_no_dupli
     let node = GatewayNode::start("gw-1", &env).await;
     node.await_ready(200).await;
     let (mut client, _) = WsClient::connect_welcomed(&node.ws_url("channels=p:a")).await;
+    // More sessions: one also on a live-only channel (plain PUBLISH), one on nothing at all.
+    let (mut both, _) = WsClient::connect_welcomed(&node.ws_url("channels=p:a,p:plain")).await;
+    let (mut idle, _) = WsClient::connect_welcomed(&node.ws_url("channels=p:idle")).await;
     publish_inside(&ns, &redis, "p:a", 1);
     expect_sequence(&mut client, "p:a", 1, 1).await;
+    expect_sequence(&mut both, "p:a", 1, 1).await;
 
+    let cut = std::time::Instant::now();
     ns.partition();
     node.await_ready(503).await;
+    let detected = cut.elapsed();
     publish_inside(&ns, &redis, "p:a", 2);
     publish_inside(&ns, &redis, "p:a", 3);
+    // Live only: no node is subscribed while the link is down, so nobody gets this one.
+    redis.cli(&["PUBLISH", "p:plain", "\"during\""]);
+    // Every session stays open and answers meanwhile; liveness never follows Redis.
+    for session in [&mut client, &mut both, &mut idle] {
+        let pong = session.request(json!({"type": "ping", "id": 1})).await;
+        assert_eq!(pong["type"], "pong", "{pong}");
+    }
+    assert_eq!(node.admin_get("/healthz").await.0, 200);
     // Let the node try (and fail) to reconnect across the dead link for a while.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ns.heal();
+    let healed = std::time::Instant::now();
     node.await_ready(200).await;
+    let recovered = healed.elapsed();
     for n in 4..=6 {
         publish_inside(&ns, &redis, "p:a", n);
     }
     expect_sequence(&mut client, "p:a", 2, 6).await;
+    expect_sequence(&mut both, "p:a", 2, 6).await;
+    redis.cli(&["PUBLISH", "p:plain", "\"after\""]);
+    assert_eq!(both.until_message("p:plain").await["data"], "after");
+    // Nobody was closed.
+    let metrics = node.metrics().await;
+    assert_eq!(metrics.get("gateway_connections"), 3.0);
+    let closed: f64 = metrics
+        .series
+        .iter()
+        .filter(|(k, _)| k.starts_with("gateway_disconnects_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(closed, 0.0, "sessions were closed during the partition");
+    // Found by the PING (every 300 ms, 500 ms to answer), not by an error.
+    assert!(
+        detected < Duration::from_millis(300 + 500 + 1000),
+        "the partition was noticed after {detected:?}"
+    );
+    eprintln!(
+        "measured: partition noticed (/readyz 503) after {} ms with ping_interval 300 ms and timeout 500 ms; ready {} ms after the link came back",
+        detected.as_millis(),
+        recovered.as_millis()
+    );
     // The connection declared dead was closed: once the link is back, Redis drops it.
     eventually("one subscription for the node", async || {
         (redis.numsub("p:a") == 1).then_some(())
@@ -385,4 +424,91 @@ async fn a_silent_partition_is_detected_and_leaves_one_subscription_and_no_dupli
     }
     expect_sequence(&mut client, "p:a", 7, 8).await;
     expect_quiet(&mut client, "p:a").await;
+    expect_sequence(&mut both, "p:a", 7, 8).await;
+    expect_quiet(&mut both, "p:a").await;
+    expect_quiet(&mut idle, "p:idle").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_with_since_during_a_catch_up_gets_its_replay_once_after_subscribed() {
+    let cluster = cluster(&[]).await;
+    let publisher = publisher(&cluster).await;
+    let node = &cluster.nodes[0];
+    let (mut stays, _) = WsClient::connect_welcomed(&node.ws_url("channels=j:x")).await;
+    let mut joiners = Vec::new();
+    for _ in 0..4 {
+        joiners.push(
+            WsClient::connect_welcomed(&node.ws_url("channels=j:other"))
+                .await
+                .0,
+        );
+    }
+    let first = publish(publisher.port, "j:x", 1).await;
+    expect_sequence(&mut stays, "j:x", 1, 1).await;
+
+    // Enough missed that handing the catch-up to the hub takes a while.
+    outage(&cluster).await;
+    for n in 2..=40 {
+        publish(publisher.port, "j:x", n).await;
+    }
+    // Back, but the catch-up cannot read yet: Redis takes exactly one more client (the
+    // node's pub/sub connection), so the connection the history read needs is refused and
+    // the read is retried, while the channel waits to be live again.
+    let mut admin = cluster.redis.connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let clients: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_clients");
+    let set_max = |n: u64| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("maxclients").arg(n);
+        cmd
+    };
+    let () = set_max(clients + 1).query_async(&mut admin).await.unwrap();
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(USER)
+        .arg("on")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    eventually("the node's pub/sub connection", async || {
+        (node.metrics().await.get("gateway_redis_connected") == 1.0).then_some(())
+    })
+    .await;
+    // Sessions resume the channel meanwhile, from before the outage.
+    for joins in &mut joiners {
+        joins
+            .send_json(json!({"type": "subscribe", "channel": "j:x", "id": 7, "since": first}))
+            .await;
+    }
+    for n in 41..=43 {
+        publish(publisher.port, "j:x", n).await;
+    }
+    let () = set_max(10_000).query_async(&mut admin).await.unwrap();
+
+    // What the node caught up for its other sessions is not this one's: `subscribed` first,
+    // then its own replay, each message once.
+    for joins in &mut joiners {
+        let ack = joins.frame().await;
+        assert_eq!(
+            (&ack["type"], &ack["id"]),
+            (&json!("subscribed"), &json!(7)),
+            "a frame of the channel before `subscribed`: {ack}"
+        );
+    }
+    node.await_ready(200).await;
+    publish(publisher.port, "j:x", 44).await;
+    for joins in &mut joiners {
+        expect_sequence(joins, "j:x", 2, 44).await;
+        expect_quiet(joins, "j:x").await;
+    }
+    expect_sequence(&mut stays, "j:x", 2, 44).await;
+    expect_quiet(&mut stays, "j:x").await;
 }

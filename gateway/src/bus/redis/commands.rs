@@ -54,6 +54,24 @@ impl Commands {
         )
     }
 
+    /// `SCRIPT LOAD` of `code` on a single Redis: None when no connection could be had. (On a
+    /// cluster the script is loaded per node as calls need it: None.)
+    pub async fn load_script(&self, code: &str) -> Option<Result<String, redis::RedisError>> {
+        match self {
+            Commands::Standalone(pool) => {
+                let mut conn = pool.get().await.ok()?;
+                Some(
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(code)
+                        .query_async::<String>(&mut conn)
+                        .await,
+                )
+            }
+            Commands::Cluster(_) => None,
+        }
+    }
+
     /// PUBLISH (SPUBLISH on a cluster) `payload` on the Redis channel `key`.
     pub async fn publish(&self, key: &str, payload: &[u8]) -> Result<(), BusError> {
         let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(e.to_string());

@@ -86,6 +86,18 @@ end
 return {epoch, tail, deleted, out, over}
 "#;
 
+/// Whether Redis is still loading its data (restarted with persistence): it then accepts
+/// pub/sub connections, SUBSCRIBE and PING, but refuses history reads with -LOADING, which a
+/// catch-up must not take for lost history. Asked by loading the read script (the reads need it
+/// anyway); any other failure is left to the reads themselves.
+pub async fn loading(commands: &Commands, op_timeout: Duration) -> bool {
+    matches!(
+        timeout(op_timeout, commands.load_script(READ_SCRIPT)).await,
+        Ok(Some(Err(e)))
+            if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+    )
+}
+
 /// One channel to read: from where, at most how many entries, within how many payload bytes.
 #[derive(Debug, Clone)]
 pub struct ReadRequest {

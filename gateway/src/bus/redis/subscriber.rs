@@ -7,11 +7,12 @@
 //! subscriptions.
 //!
 //! Failure handling (docs/REFERENCE.md §4): a connection that errors, ends, or does not answer
-//! a SUBSCRIBE, UNSUBSCRIBE or periodic PING within `redis.timeout_ms` is given up. Giving up
-//! ends its reader first (dropping the message stream aborts redis-rs's driver, which closes
-//! the socket), so a connection declared dead can never deliver again, even if its network
-//! path comes back. Then the subscriber reconnects with capped exponential backoff and full
-//! jitter and resubscribes every wanted channel in batches; [`Channels`] catches each up.
+//! a SUBSCRIBE, UNSUBSCRIBE or periodic PING within `redis.timeout_ms` is given up, and a new
+//! one is used only once Redis has loaded its data. Giving up ends its reader first (dropping
+//! the message stream aborts redis-rs's driver, which closes the socket), so a connection
+//! declared dead can never deliver again, even if its network path comes back. Then the
+//! subscriber reconnects with capped exponential backoff and full jitter and resubscribes every
+//! wanted channel in batches; [`Channels`] catches each up.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +85,16 @@ impl Subscriber {
                     continue;
                 }
             };
+            // Subscribe only once Redis can serve the history reads that follow: one still
+            // loading its data accepts this connection and SUBSCRIBE, and a catch-up would
+            // then take its -LOADING for lost history.
+            if history::loading(&self.commands, self.op_timeout()).await {
+                tracing::warn!(attempt, "redis is still loading its data; waiting");
+                if self.backoff(&mut attempt, &shutdown).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             if ever_connected {
                 self.metrics.redis_reconnects.inc();
             }
