@@ -208,7 +208,12 @@ async fn a_partitioned_leader_stops_ticking_and_its_successor_never_repeats_a_sl
     );
     emissions.drain();
     for (slot, emitters) in &emissions.by_slot {
-        assert_eq!(emitters.len(), 1, "slot {slot} emitted by {emitters:?}");
+        // One replica per slot. The same replica may show twice: MONITOR logs an EVALSHA that
+        // was answered NOSCRIPT and the EVAL the publisher then sends (one script run).
+        let mut replicas = emitters.clone();
+        replicas.sort();
+        replicas.dedup();
+        assert_eq!(replicas.len(), 1, "slot {slot} emitted by {emitters:?}");
         if emitters[0] == old_ip {
             assert!(
                 *slot <= cut_ms + PUBLISHER_LEASE_MS,
