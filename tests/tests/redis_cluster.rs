@@ -25,18 +25,13 @@ async fn gateways(cluster: &RedisCluster, n: usize, env: &[(&str, &str)]) -> Vec
     nodes
 }
 
-/// One channel name per shard, named `<stem>-<n>`.
+/// One channel per shard (the harness's pick), names only.
 fn one_channel_per_shard(cluster: &RedisCluster, stem: &str) -> Vec<String> {
-    let mut by_primary = std::collections::BTreeMap::new();
-    for n in 0.. {
-        let channel = format!("{stem}-{n}");
-        let port = cluster.primary_of(cluster.slot(&channel)).port;
-        by_primary.entry(port).or_insert(channel);
-        if by_primary.len() == 3 {
-            break;
-        }
-    }
-    by_primary.into_values().collect()
+    cluster
+        .one_channel_per_shard(stem)
+        .into_iter()
+        .map(|(channel, _)| channel)
+        .collect()
 }
 
 /// `PUBSUB SHARDNUMSUB channel` as one node answers it (its own subscribers only).

@@ -29,14 +29,13 @@ use deadpool_redis::redis::{
     cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot},
     Msg, ProtocolVersion, PushInfo, PushKind,
 };
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::channels::{Channels, Reads};
 use super::commands::Commands;
-use super::subscriber::HistoryWorker;
+use super::subscriber::{backoff, HistoryWorker};
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
 
@@ -99,7 +98,10 @@ impl ClusterSubscriber {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "redis cluster connect failed");
-                    if self.backoff(&mut attempt, &shutdown).await.is_err() {
+                    if backoff(&self.config, &mut attempt, &shutdown)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     continue;
@@ -162,7 +164,10 @@ impl ClusterSubscriber {
                 Lost::Shutdown => return,
                 Lost::Error(e) => {
                     tracing::warn!(error = %e, "redis cluster connection lost; reconnecting");
-                    if self.backoff(&mut attempt, &shutdown).await.is_err() {
+                    if backoff(&self.config, &mut attempt, &shutdown)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -176,19 +181,6 @@ impl ClusterSubscriber {
                 .redis_resubscribes
                 .with_label_values(&[reason])
                 .inc_by(n as u64);
-        }
-    }
-
-    async fn backoff(&self, attempt: &mut u32, shutdown: &CancellationToken) -> Result<(), ()> {
-        let min = self.config.backoff_min_ms;
-        let cap = min
-            .saturating_mul(1 << (*attempt).min(16))
-            .min(self.config.backoff_max_ms);
-        let delay = Duration::from_millis(rand::rng().random_range(min.min(cap)..=cap));
-        *attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = shutdown.cancelled() => Err(()),
-            _ = tokio::time::sleep(delay) => Ok(()),
         }
     }
 

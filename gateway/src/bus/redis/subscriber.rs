@@ -72,14 +72,20 @@ impl Subscriber {
                 Ok(Ok(pubsub)) => pubsub,
                 Ok(Err(e)) => {
                     tracing::warn!(redis = %self.redacted_url(), error = %e, attempt, "redis pub/sub connect failed");
-                    if self.backoff(&mut attempt, &shutdown).await.is_err() {
+                    if backoff(&self.config, &mut attempt, &shutdown)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     continue;
                 }
                 Err(_) => {
                     tracing::warn!(redis = %self.redacted_url(), attempt, "redis pub/sub connect timed out");
-                    if self.backoff(&mut attempt, &shutdown).await.is_err() {
+                    if backoff(&self.config, &mut attempt, &shutdown)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     continue;
@@ -90,7 +96,10 @@ impl Subscriber {
             // then take its -LOADING for lost history.
             if history::loading(&self.commands, self.op_timeout()).await {
                 tracing::warn!(attempt, "redis is still loading its data; waiting");
-                if self.backoff(&mut attempt, &shutdown).await.is_err() {
+                if backoff(&self.config, &mut attempt, &shutdown)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -142,26 +151,14 @@ impl Subscriber {
                     };
                     tracing::warn!(error = %e, "redis pub/sub connection lost; reconnecting");
                     attempt = 0;
-                    if self.backoff(&mut attempt, &shutdown).await.is_err() {
+                    if backoff(&self.config, &mut attempt, &shutdown)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
             }
-        }
-    }
-
-    /// Sleep a full-jitter exponential backoff. Err = shutdown. Sessions that subscribe
-    /// meanwhile wait in [`Channels`] until their channel is live.
-    async fn backoff(&self, attempt: &mut u32, shutdown: &CancellationToken) -> Result<(), ()> {
-        let min = self.config.backoff_min_ms;
-        let cap = min
-            .saturating_mul(1 << (*attempt).min(16))
-            .min(self.config.backoff_max_ms);
-        let delay = Duration::from_millis(rand::rng().random_range(min.min(cap)..=cap));
-        *attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = shutdown.cancelled() => Err(()),
-            _ = tokio::time::sleep(delay) => Ok(()),
         }
     }
 
@@ -354,5 +351,26 @@ impl HistoryWorker {
             }
         }
         results
+    }
+}
+
+/// Sleep a full-jitter exponential backoff between `redis.backoff_min_ms` and
+/// `redis.backoff_max_ms`. Err = shutdown. Sessions that subscribe meanwhile wait in
+/// [`Channels`] until their channel is live. Used by both connection owners (this one and
+/// the cluster's).
+pub(super) async fn backoff(
+    config: &RedisConfig,
+    attempt: &mut u32,
+    shutdown: &CancellationToken,
+) -> Result<(), ()> {
+    let min = config.backoff_min_ms;
+    let cap = min
+        .saturating_mul(1 << (*attempt).min(16))
+        .min(config.backoff_max_ms);
+    let delay = Duration::from_millis(rand::rng().random_range(min.min(cap)..=cap));
+    *attempt = attempt.saturating_add(1);
+    tokio::select! {
+        _ = shutdown.cancelled() => Err(()),
+        _ = tokio::time::sleep(delay) => Ok(()),
     }
 }
