@@ -4,6 +4,8 @@
 //! no `redis.url` is configured) and [`redis`] (one pub/sub connection per node multiplexing
 //! every channel a local session wants, plus a command pool for publishes and history reads).
 //! The bus knows channels and payloads, never sockets; messages it receives go to the [`Hub`].
+//! It also keeps the node's few small expiring keys (where each SSE session lives), which only
+//! the Redis bus can share between nodes.
 //! Publisher messages arrive in an envelope carrying their history offset (docs/REFERENCE.md
 //! §5; see `redis/mod.rs`); the memory bus has no history.
 
@@ -108,6 +110,40 @@ impl Bus {
             }
             Bus::Redis(bus) => bus.publish(channel, payload).await,
         }
+    }
+
+    /// Set expiring keys (the Redis prefix is added to each name). The memory bus has one
+    /// node and nothing to share: a no-op.
+    pub async fn put(
+        &self,
+        entries: &[(String, String)],
+        ttl: std::time::Duration,
+    ) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(_) => Ok(()),
+            Bus::Redis(bus) => bus.put(entries, ttl).await,
+        }
+    }
+
+    /// The value of a key set with [`Bus::put`] by any node; always None on the memory bus.
+    pub async fn get(&self, name: &str) -> Result<Option<String>, BusError> {
+        match self {
+            Bus::Memory(_) => Ok(None),
+            Bus::Redis(bus) => bus.get(name).await,
+        }
+    }
+
+    /// Delete a key set with [`Bus::put`].
+    pub async fn delete(&self, name: &str) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(_) => Ok(()),
+            Bus::Redis(bus) => bus.delete(name).await,
+        }
+    }
+
+    /// Whether other nodes can exist: keys and publishes reach them only through Redis.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Bus::Redis(_))
     }
 
     /// Whether messages can be recovered from history: not with the memory bus,

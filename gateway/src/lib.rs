@@ -8,7 +8,11 @@
 //!
 //! - [`server`]: HTTP routes, the upgrade, [`run`] and the drain.
 //! - [`node`]: the node's shared state, as sessions and handlers see it.
-//! - [`session`]: one WebSocket's life (reader, batched writer, heartbeat, close codes).
+//! - [`session`]: one client session's life (reader, batched writer, heartbeat, close codes),
+//!   over a WebSocket or Server-Sent Events (`session::ws`, `session::sse`).
+//! - [`sse`]: the SSE endpoints (`GET /sse`, `POST /sse/{session}`, CORS preflight).
+//! - [`relay`]: where SSE sessions live; POSTed client frames reach their session's node.
+//! - [`request`]: what a connect request asks for (query, token, identity), JSON errors.
 //! - [`outbox`]: a session's outbound queue, bounded in bytes.
 //! - [`hub`]: channel → local subscribers; builds each message frame once and fans it out.
 //! - [`bus`]: Redis pub/sub (or the in-process memory bus): subscribe, resubscribe, reconnect.
@@ -32,9 +36,12 @@ pub mod node;
 pub mod origin;
 pub mod outbox;
 pub mod protocol;
+pub mod relay;
+pub mod request;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod sse;
 pub mod ticker;
 
 pub use config::Config;

@@ -4,15 +4,18 @@
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the gateway exports. Cloning the handles is cheap (they are `Arc`s inside).
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    pub connections: IntGauge,
-    pub connections_total: IntCounter,
+    /// By `transport`.
+    pub connections: IntGaugeVec,
+    /// By `transport`.
+    pub connections_total: IntCounterVec,
+    /// By `reason` and `transport`.
     pub disconnects: IntCounterVec,
     pub subscriptions: IntGauge,
     pub channels: IntGauge,
@@ -27,6 +30,15 @@ pub struct Metrics {
     pub redis_shards: IntGauge,
     /// Cluster mode: channel subscriptions made again, by `resubscribe_reason`.
     pub redis_resubscribes: IntCounterVec,
+}
+
+/// Values of the `transport` label of the session counts (`gateway_connections`,
+/// `gateway_connections_total`, `gateway_disconnects_total`).
+pub mod transport {
+    pub const WS: &str = "ws";
+    pub const SSE: &str = "sse";
+
+    pub const ALL: [&str; 2] = [WS, SSE];
 }
 
 /// Values of the `reason` label of `gateway_disconnects_total`.
@@ -98,12 +110,19 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let m = Metrics {
-            connections: IntGauge::new("gateway_connections", "Open client sessions").unwrap(),
-            connections_total: IntCounter::new("gateway_connections_total", "Client sessions accepted")
-                .unwrap(),
+            connections: IntGaugeVec::new(
+                Opts::new("gateway_connections", "Open client sessions, by transport"),
+                &["transport"],
+            )
+            .unwrap(),
+            connections_total: IntCounterVec::new(
+                Opts::new("gateway_connections_total", "Client sessions accepted, by transport"),
+                &["transport"],
+            )
+            .unwrap(),
             disconnects: IntCounterVec::new(
-                Opts::new("gateway_disconnects_total", "Sessions ended, by reason"),
-                &["reason"],
+                Opts::new("gateway_disconnects_total", "Sessions ended, by reason and transport"),
+                &["reason", "transport"],
             )
             .unwrap(),
             subscriptions: IntGauge::new("gateway_subscriptions", "Session subscriptions on this node")
@@ -180,8 +199,12 @@ impl Metrics {
         for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {
             m.messages_dropped.with_label_values(&[r]);
         }
-        for r in reason::DISCONNECTS {
-            m.disconnects.with_label_values(&[r]);
+        for t in transport::ALL {
+            m.connections.with_label_values(&[t]);
+            m.connections_total.with_label_values(&[t]);
+            for r in reason::DISCONNECTS {
+                m.disconnects.with_label_values(&[r, t]);
+            }
         }
         for t in frame_type::ALL {
             m.client_frames.with_label_values(&[t]);
@@ -218,8 +241,13 @@ mod tests {
             let series = format!("gateway_client_frames_total{{type=\"{t}\"}} 0");
             assert!(text.contains(&series), "missing {series}");
         }
-        for r in reason::DISCONNECTS {
-            let series = format!("gateway_disconnects_total{{reason=\"{r}\"}} 0");
+        for t in transport::ALL {
+            for r in reason::DISCONNECTS {
+                let series =
+                    format!("gateway_disconnects_total{{reason=\"{r}\",transport=\"{t}\"}} 0");
+                assert!(text.contains(&series), "missing {series}");
+            }
+            let series = format!("gateway_connections{{transport=\"{t}\"}} 0");
             assert!(text.contains(&series), "missing {series}");
         }
         for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {

@@ -1,6 +1,6 @@
 //! The node's shared state, as sessions and handlers see it: configuration, the hub and the
 //! bus, metrics, token verification, the registry of session outboxes the node signals
-//! (shutdown, heartbeat), and the connection limits. `server` builds it and drives the drain;
+//! (shutdown, heartbeat), the SSE relay, and the connection limits. `server` builds it and drives the drain;
 //! `session` uses it; neither imports the other.
 
 use std::collections::HashMap;
@@ -17,6 +17,7 @@ use crate::hub::{Hub, SessionId};
 use crate::metrics::{reason, Metrics};
 use crate::outbox::{signal, Outbox};
 use crate::protocol::close;
+use crate::relay::Relay;
 
 /// One shard of the node's session registry.
 type SessionShard = HashMap<SessionId, Arc<Outbox>>;
@@ -30,6 +31,8 @@ pub struct Node {
     pub metrics: Metrics,
     /// Token verification; None = auth off.
     pub verifier: Option<Verifier>,
+    /// Where SSE sessions live and how POSTed client frames reach them.
+    pub relay: Arc<Relay>,
     /// Every open session's outbox, for the node's signals (shutdown, heartbeat): sessions
     /// wait only on their own outbox, never on something shared with every other session.
     /// Sharded std Mutexes, held for an insert, a remove, or one pass of signals.
@@ -53,6 +56,8 @@ pub struct Node {
 pub struct ConnectionSlot {
     node: Arc<Node>,
     ip: Option<IpAddr>,
+    /// `gateway_connections` of the session's transport.
+    gauge: prometheus::IntGauge,
 }
 
 impl Drop for ConnectionSlot {
@@ -67,7 +72,7 @@ impl Drop for ConnectionSlot {
             }
         }
         self.node.connections.fetch_sub(1, Ordering::Relaxed);
-        self.node.metrics.connections.dec();
+        self.gauge.dec();
     }
 }
 
@@ -90,9 +95,11 @@ impl Node {
         bus: Bus,
         metrics: Metrics,
         verifier: Option<Verifier>,
+        relay: Arc<Relay>,
         index_page: String,
     ) -> Node {
         Node {
+            relay,
             node_name,
             config,
             hub,
@@ -130,11 +137,13 @@ impl Node {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Take a connection slot for a client at `peer`, or the close code and reason: 1013 at
-    /// `limits.max_connections`, or at `limits.max_connections_per_ip` for its address.
+    /// Take a connection slot for a client at `peer` on `transport` (a `metrics::transport`
+    /// value), or the close code and reason: 1013 at `limits.max_connections`, or at
+    /// `limits.max_connections_per_ip` for its address. Both transports share the limits.
     pub fn connection_slot(
         self: &Arc<Self>,
         peer: IpAddr,
+        transport: &'static str,
     ) -> Result<ConnectionSlot, (u16, &'static str)> {
         let max = self.config.limits.max_connections;
         let taken = self
@@ -145,11 +154,13 @@ impl Node {
         if taken.is_err() {
             return Err((close::TRY_AGAIN_LATER, reason::MAX_CONNECTIONS));
         }
-        self.metrics.connections.inc();
+        let gauge = self.metrics.connections.with_label_values(&[transport]);
+        gauge.inc();
         // From here on the slot's Drop gives back what was taken.
         let mut slot = ConnectionSlot {
             node: self.clone(),
             ip: None,
+            gauge,
         };
         let per_ip = self.config.limits.max_connections_per_ip;
         if per_ip > 0 {

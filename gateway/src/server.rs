@@ -1,5 +1,6 @@
-//! The node's HTTP side: the public and admin routers, the WebSocket upgrade, and
-//! [`run`], which serves both listeners until shutdown and then drains.
+//! The node's HTTP side: the public and admin routers, the WebSocket upgrade (the SSE
+//! endpoints are [`crate::sse`]), and [`run`], which serves both listeners until shutdown and
+//! then drains.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,13 +9,11 @@ use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::AuthError;
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::hub::Hub;
@@ -22,7 +21,10 @@ use crate::metrics::{reason, Metrics};
 use crate::node::Node;
 use crate::outbox::signal;
 use crate::protocol::close;
-use crate::{accept, origin, protocol, session, ticker};
+use crate::relay::Relay;
+use crate::request::{self, error, query_problem, ConnectQuery};
+use crate::session::ws::Ws;
+use crate::{accept, origin, session, sse, ticker};
 
 /// Size of tungstenite's read buffer per connection, allocated and zero-filled up front.
 /// Client frames are small (a subscribe is ~60 bytes), so a small buffer costs nothing but an
@@ -61,8 +63,10 @@ pub async fn run(
         .ticks_enabled()
         .then(|| ticker::spawn(&config, &node_name, bus.clone(), background.clone()));
     let index_page = index_page(&config);
+    let relay = Arc::new(Relay::new(node_name.clone(), bus.clone(), hub.clone()));
+    tokio::spawn(relay.clone().run(background.clone()));
     let node = Arc::new(Node::new(
-        config, node_name, hub, bus, metrics, verifier, index_page,
+        config, node_name, hub, bus, metrics, verifier, relay, index_page,
     ));
     tracing::info!(
         node = %node.node_name,
@@ -149,6 +153,8 @@ fn public_router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/ws", get(ws_handler))
         .route("/websocket", get(ws_handler))
+        .route("/sse", get(sse::open).options(sse::preflight))
+        .route("/sse/{session}", post(sse::post).options(sse::preflight))
         .route("/", get(index))
         .route("/client.js", get(client_js))
         .route("/healthz", get(healthz))
@@ -168,15 +174,6 @@ fn admin_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// A JSON error body: `{"error":code,"message":…}`.
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(serde_json::json!({ "error": code, "message": message.into() })),
-    )
-        .into_response()
-}
-
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
@@ -185,7 +182,7 @@ async fn method_not_allowed() -> Response {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "this endpoint answers GET only",
+        "this endpoint does not answer this method",
     )
 }
 
@@ -300,39 +297,10 @@ async fn client_js(State(node): State<Arc<Node>>, headers: HeaderMap) -> Respons
     response
 }
 
-/// Query parameters of `/ws` (docs/REFERENCE.md §2). `Id` is the seed page's spelling of
-/// `client_id`.
-#[derive(Debug, Deserialize)]
-struct WsQuery {
-    channels: Option<String>,
-    client_id: Option<String>,
-    #[serde(rename = "Id")]
-    id: Option<String>,
-    token: Option<String>,
-    since: Option<String>,
-}
-
-/// What is wrong with a query string that does not deserialize, in a close reason's words
-/// (axum's rejection text starts with its own preamble).
-fn query_problem(rejection: &axum::extract::rejection::QueryRejection) -> String {
-    let text = rejection.body_text();
-    match text.split_once(": ") {
-        Some((_, detail)) => detail.to_owned(),
-        None => text,
-    }
-}
-
-/// The token of `Authorization: Bearer <token>`.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
 async fn ws_handler(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<ConnectQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -356,64 +324,34 @@ async fn ws_handler(
     // a browser's WebSocket API shows neither the status nor the body of a refused upgrade.
     if let Err(message) = origin::check(&node.config.origins, &headers) {
         let refusal = (close::FORBIDDEN_ORIGIN, reason::ORIGIN_FORBIDDEN, message);
-        return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
+        return upgrade.on_upgrade(move |socket| session::refuse(Ws(socket), node, refusal));
     }
     let query = match query {
         Ok(Query(query)) => query,
         Err(e) => {
             let message = format!("bad query string: {}", query_problem(&e));
             let refusal = (close::BAD_REQUEST, reason::BAD_REQUEST, message);
-            return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
+            return upgrade.on_upgrade(move |socket| session::refuse(Ws(socket), node, refusal));
         }
     };
-    let (client_id, grant) = match &node.verifier {
-        // With auth on, the identity comes from the token only; `client_id`/`Id` are ignored.
-        Some(verifier) => {
-            let token = query.token.as_deref().or_else(|| bearer(&headers));
-            match token
-                .ok_or(AuthError::Missing)
-                .and_then(|t| verifier.verify(t))
-            {
-                Ok(grant) => (grant.sub.clone(), Some(Box::new(grant))),
-                Err(e) => {
-                    let refusal = (close::UNAUTHORIZED, reason::UNAUTHORIZED, e.to_string());
-                    return upgrade
-                        .on_upgrade(move |socket| session::refuse(socket, node, refusal));
-                }
-            }
+    let channels = query.channel_list();
+    let since = query.since.clone();
+    let (client_id, grant) = match request::identify(&node, query, &headers) {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            return upgrade.on_upgrade(move |socket| session::refuse(Ws(socket), node, refusal));
         }
-        None => match query.client_id.or(query.id) {
-            Some(id) if protocol::valid_client_id(&id) => (id, None),
-            Some(_) => {
-                let refusal = (
-                    close::BAD_REQUEST,
-                    reason::BAD_REQUEST,
-                    format!("bad client_id: {}", protocol::CLIENT_ID_RULE),
-                );
-                return upgrade.on_upgrade(move |socket| session::refuse(socket, node, refusal));
-            }
-            None => (uuid::Uuid::new_v4().simple().to_string(), None),
-        },
     };
-    let channels: Vec<String> = query
-        .channels
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(str::to_owned)
-        .collect();
     let params = session::Params {
+        uuid: uuid::Uuid::new_v4(),
         client_id,
         channels,
         peer,
-        since: query
-            .since
+        since: since
             .filter(|s| !s.trim().is_empty())
             .map(String::into_boxed_str),
         grant,
     };
     let tracker = node.tracker().clone();
-    upgrade.on_upgrade(move |socket| tracker.track_future(session::run(socket, node, params)))
+    upgrade.on_upgrade(move |socket| tracker.track_future(session::run(Ws(socket), node, params)))
 }

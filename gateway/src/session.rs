@@ -1,11 +1,18 @@
-//! One client WebSocket's life: subscriptions at connect, the welcome frame, then one task
-//! that selects over the socket (client frames), the outbox (fan-out), the heartbeat and the
-//! node's shutdown, and finally the close code and the cleanup.
+//! One client session's life, whatever carries it: subscriptions at connect, the welcome
+//! frame, then one task that selects over the transport (client frames), the outbox
+//! (fan-out), the heartbeat and the node's shutdown, and finally the close code and the
+//! cleanup. [`transport`] says what a carrier must do; [`ws`] (WebSocket) and [`sse`]
+//! (Server-Sent Events plus POSTed client frames) are the two carriers. Nothing here knows
+//! which one it drives.
 //!
 //! A session is exactly one task. The writer drains the whole outbox per wake-up and writes
 //! it with `feed` + one `flush`, so frames queued together leave in one `write()`. Every write
 //! is guarded: a client that stops reading cannot pin the task, because overflow of its
 //! outbox, the heartbeat deadline and shutdown all interrupt the write.
+
+pub mod sse;
+pub mod transport;
+pub mod ws;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -13,11 +20,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
 use tokio::time::timeout;
-use tokio_tungstenite::tungstenite;
 
 use crate::auth::{self, Grant, Permissions};
 use crate::bus::{BusError, History, Live};
@@ -26,12 +31,16 @@ use crate::metrics::{frame_type, reason};
 use crate::node::Node;
 use crate::outbox::{signal, Frame, Outbox};
 use crate::protocol::{self, close, ClientFrame, Offset};
+use transport::{End, Inbound, Transport};
 
 /// How long a closing session waits for its close frame to be written and answered.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the client asked for in the upgrade request, already validated where it could be.
 pub struct Params {
+    /// The session's id, told to the client in its welcome (and, for SSE, the address of its
+    /// `POST /sse/{session}`).
+    pub uuid: uuid::Uuid,
     pub client_id: String,
     /// Channels named in the query (not yet validated); empty = `default_channels`.
     pub channels: Vec<String>,
@@ -41,15 +50,6 @@ pub struct Params {
     /// What the token allows; None when auth is off. Boxed: the session's future keeps its
     /// arguments for its whole life, and idle memory per session is a budget.
     pub grant: Option<Box<Grant>>,
-}
-
-/// How a session ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// Send this close code, count this reason.
-    Close(u16, &'static str),
-    /// The connection is already gone (client closed, I/O error): nothing to send.
-    Gone(&'static str),
 }
 
 /// A token bucket for client publishes (and for frames that earn an error).
@@ -165,29 +165,33 @@ struct Watermark {
     offset: Offset,
 }
 
-/// Run a session to its end. Called by the upgrade handler; returns when the socket is done.
-pub async fn run(ws: WebSocket, node: Arc<Node>, params: Params) {
+/// Run a session to its end on transport `t`. Called by the upgrade handler (WebSocket) or
+/// the `/sse` handler; returns when the connection is done.
+pub async fn run<T: Transport>(t: T, node: Arc<Node>, params: Params) {
     // Debug level: an enabled span costs a few hundred bytes per session, so it exists only
     // when someone asks for session logs (RUST_LOG=gateway=debug).
-    let span = tracing::debug_span!("session", client_id = %params.client_id, peer = %params.peer);
+    let span = tracing::debug_span!("session", client_id = %params.client_id, peer = %params.peer, transport = T::KIND);
     if span.is_disabled() {
         // Skip the span's enter/exit on every poll when nobody listens.
-        run_session(ws, node, params).await
+        run_session(t, node, params).await
     } else {
-        tracing::Instrument::instrument(run_session(ws, node, params), span).await
+        tracing::Instrument::instrument(run_session(t, node, params), span).await
     }
 }
 
-/// Refuse a connection that was upgraded only so that the client can read why: close with
+/// Refuse a connection that was opened only so that the client can read why: close with
 /// `code` and `message` as the reason at once, before any subscription.
-pub async fn refuse(mut ws: WebSocket, node: Arc<Node>, refusal: (u16, &'static str, String)) {
+pub async fn refuse<T: Transport>(mut t: T, node: Arc<Node>, refusal: (u16, &'static str, String)) {
     let (code, why, message) = refusal;
-    tracing::debug!(code, reason = why, %message, "connection refused");
-    node.metrics.disconnects.with_label_values(&[why]).inc();
+    tracing::debug!(code, reason = why, %message, transport = T::KIND, "connection refused");
+    node.metrics
+        .disconnects
+        .with_label_values(&[why, T::KIND])
+        .inc();
     // Short: a refused client gets no more of the node's time than it takes to say why.
     let _ = timeout(
         Duration::from_secs(1),
-        close_socket(&mut ws, code, close_reason(&message)),
+        t.close(code, close_reason(&message)),
     )
     .await;
 }
@@ -201,16 +205,19 @@ fn close_reason(message: &str) -> &str {
     &message[..end]
 }
 
-async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
+async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Params) {
     let metrics = node.metrics.clone();
-    let _slot = match node.connection_slot(params.peer.ip()) {
+    let _slot = match node.connection_slot(params.peer.ip(), T::KIND) {
         Ok(slot) => slot,
         Err((code, why)) => {
-            Box::pin(finish(ws, End::Close(code, why), metrics)).await;
+            Box::pin(finish(t, End::Close(code, why), metrics)).await;
             return;
         }
     };
-    metrics.connections_total.inc();
+    metrics
+        .connections_total
+        .with_label_values(&[T::KIND])
+        .inc();
     let (exp, permissions) = match params.grant {
         Some(grant) => {
             let Grant {
@@ -223,7 +230,7 @@ async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
     let limits = &node.config.limits;
     let mut session = Session {
         id: node.next_session_id(),
-        uuid: uuid::Uuid::new_v4(),
+        uuid: params.uuid,
         personal: protocol::personal_channel(&params.client_id),
         outbox: Arc::new(Outbox::new(limits.send_queue_bytes)),
         channels: Vec::new(),
@@ -237,28 +244,27 @@ async fn run_session(mut ws: WebSocket, node: Arc<Node>, params: Params) {
     };
     tracing::debug!(session = %session.uuid, "session open");
     session.node.register(session.id, &session.outbox);
-    let end = match Box::pin(session.open(&mut ws, params.channels, params.since)).await {
-        Ok(()) => session.serve(&mut ws).await,
+    let end = match Box::pin(session.open(&mut t, params.channels, params.since)).await {
+        Ok(()) => session.serve(&mut t).await,
         Err(end) => end,
     };
     // Leave the hub first: nothing more is queued for a session that is closing.
     session.cleanup();
-    Box::pin(finish(ws, end, metrics)).await;
+    Box::pin(finish(t, end, metrics)).await;
 }
 
-/// Count how the session ended and close the socket accordingly.
-async fn finish(mut ws: WebSocket, end: End, metrics: crate::metrics::Metrics) {
+/// Count how the session ended and close the connection accordingly.
+async fn finish<T: Transport>(mut t: T, end: End, metrics: crate::metrics::Metrics) {
     match end {
         End::Close(code, why) => {
             tracing::debug!(code, reason = why, "closing session");
-            metrics.disconnects.with_label_values(&[why]).inc();
-            let _ = timeout(CLOSE_TIMEOUT, close_socket(&mut ws, code, close_text(why))).await;
+            metrics.disconnects.with_label_values(&[why, T::KIND]).inc();
+            let _ = timeout(CLOSE_TIMEOUT, t.close(code, close_text(why))).await;
         }
         End::Gone(why) => {
             tracing::debug!(reason = why, "session ended");
-            metrics.disconnects.with_label_values(&[why]).inc();
-            // Flush a close reply tungstenite may have queued for the client's close frame.
-            let _ = timeout(Duration::from_secs(1), ws.flush()).await;
+            metrics.disconnects.with_label_values(&[why, T::KIND]).inc();
+            t.gone().await;
         }
     }
 }
@@ -283,31 +289,15 @@ fn close_text(why: &'static str) -> &'static str {
     }
 }
 
-/// Send a close frame, then read until the client answers or goes away.
-async fn close_socket(ws: &mut WebSocket, code: u16, reason: &str) {
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    if ws.send(Message::Close(Some(frame))).await.is_err() {
-        return;
-    }
-    while let Some(Ok(msg)) = ws.recv().await {
-        if matches!(msg, Message::Close(_)) {
-            break;
-        }
-    }
-}
-
 // === impl Session ===
 
 impl Session {
     /// Connect-time subscriptions (the personal channel, then what the query named), then
     /// the welcome frame and an error frame per refused channel: at once when every channel
     /// is live on this node, otherwise once they are (the serve loop waits for them).
-    async fn open(
+    async fn open<T: Transport>(
         &mut self,
-        ws: &mut WebSocket,
+        t: &mut T,
         requested: Vec<String>,
         since: Option<Box<str>>,
     ) -> Result<(), End> {
@@ -354,7 +344,7 @@ impl Session {
             })
             .collect();
         if waits.is_empty() {
-            return self.welcome(ws, welcome).await;
+            return self.welcome(t, welcome).await;
         }
         tracing::debug!(waiting = waits.len(), "welcome waits for the bus");
         waits.shrink_to_fit();
@@ -367,7 +357,7 @@ impl Session {
 
     /// Send the welcome, the refusals of connect-time channels, and the replays asked for
     /// with `since`.
-    async fn welcome(&mut self, ws: &mut WebSocket, welcome: Welcome) -> Result<(), End> {
+    async fn welcome<T: Transport>(&mut self, t: &mut T, welcome: Welcome) -> Result<(), End> {
         let Welcome {
             joined,
             refused,
@@ -379,10 +369,10 @@ impl Session {
             &self.node.node_name,
             &joined,
         );
-        self.send(ws, frame).await?;
+        self.send(t, frame).await?;
         for (channel, (code, message)) in refused {
             let frame = protocol::error_frame(code, &message, Some(&channel), None);
-            self.send(ws, frame).await?;
+            self.send(t, frame).await?;
         }
         // Resume: `since` applies to the channels joined above; pairs naming others are
         // ignored. The memory bus keeps no history, so there `since` is ignored altogether.
@@ -392,13 +382,13 @@ impl Session {
         for pair in protocol::parse_since_param(&since) {
             match pair {
                 Ok((channel, offset)) if joined.contains(&channel) => {
-                    self.recover(ws, &channel, offset, None).await?;
+                    self.recover(t, &channel, offset, None).await?;
                 }
                 Ok(_) => {}
                 Err(pair) => {
                     let message = format!("`since` wants channel@offset pairs, got `{pair}`");
                     let frame = protocol::error_frame("bad_since", &message, None, None);
-                    self.send(ws, frame).await?;
+                    self.send(t, frame).await?;
                 }
             }
         }
@@ -406,9 +396,9 @@ impl Session {
     }
 
     /// A channel this session waited for is live: answer what waited for it.
-    async fn on_live(
+    async fn on_live<T: Transport>(
         &mut self,
-        ws: &mut WebSocket,
+        t: &mut T,
         (index, at): (usize, Option<Offset>),
         batch: &mut VecDeque<Frame>,
     ) -> Result<(), End> {
@@ -440,9 +430,9 @@ impl Session {
                     return Ok(());
                 }
                 let frame = protocol::ack_frame("subscribed", &channel, id.as_deref());
-                self.send(ws, frame).await?;
+                self.send(t, frame).await?;
                 match since {
-                    Some(since) => self.recover(ws, &channel, since, id.as_deref()).await,
+                    Some(since) => self.recover(t, &channel, since, id.as_deref()).await,
                     None => Ok(()),
                 }
             }
@@ -451,12 +441,12 @@ impl Session {
                     return Ok(());
                 };
                 self.last_seen = Instant::now();
-                self.welcome(ws, welcome).await?;
+                self.welcome(t, welcome).await?;
                 // Nothing queued was written while the welcome waited.
                 if !self.outbox.take(batch) {
                     return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
                 }
-                self.write_batch(ws, batch).await
+                self.write_batch(t, batch).await
             }
         }
     }
@@ -469,13 +459,13 @@ impl Session {
     /// `subscribed` and of its own `since` replay: duplicates, out of order. Nothing it is
     /// owed is lost: what is owed starts with `subscribed`, and a `since` replay covers what
     /// came before.
-    async fn before_joined(
+    async fn before_joined<T: Transport>(
         &mut self,
-        ws: &mut WebSocket,
+        t: &mut T,
         batch: &mut VecDeque<Frame>,
     ) -> Result<(), End> {
         while let Some(live) = ready_live(&mut self.pending) {
-            self.on_live(ws, live, batch).await?;
+            self.on_live(t, live, batch).await?;
         }
         let Some(pending) = self.pending.as_deref() else {
             return Ok(());
@@ -513,9 +503,9 @@ impl Session {
     /// hub, so live frames queue in its outbox meanwhile; they are written after the replay,
     /// minus those the replay already covered (see [`Watermark`]). An offset that cannot be
     /// resumed from gets `history_gone`, and the channel continues live.
-    async fn recover(
+    async fn recover<T: Transport>(
         &mut self,
-        ws: &mut WebSocket,
+        t: &mut T,
         channel: &str,
         since: Offset,
         id: Option<&RawValue>,
@@ -532,8 +522,9 @@ impl Session {
         let entries = match read {
             Ok(entries) => entries,
             Err(why) => {
+                t.forget(channel);
                 let frame = protocol::error_frame("history_gone", &why, Some(channel), id);
-                return self.send(ws, frame).await;
+                return self.send(t, frame).await;
             }
         };
         let last = match entries.last() {
@@ -543,9 +534,9 @@ impl Session {
         let write = async {
             for (offset, payload) in &entries {
                 let frame = protocol::message_frame(channel, payload, Some(offset));
-                ws.feed(Message::Text(frame.into())).await?;
+                t.feed(frame.into()).await?;
             }
-            ws.flush().await
+            t.flush().await
         };
         self.guarded(write).await?;
         self.watermark(channel, last);
@@ -582,7 +573,7 @@ impl Session {
     /// The steady state: one select loop until the session ends. Its future lives as long as
     /// the connection, so it stays small: everything rare (client frames, pings, the start
     /// and the close) runs in a boxed future that exists only while it runs.
-    async fn serve(&mut self, ws: &mut WebSocket) -> End {
+    async fn serve<T: Transport>(&mut self, t: &mut T) -> End {
         let mut batch: VecDeque<Frame> = VecDeque::new();
         loop {
             let welcomed = !self.awaiting_welcome();
@@ -590,14 +581,14 @@ impl Session {
                 // First: a channel that became live is answered before its queued messages.
                 biased;
                 live = next_live(&mut self.pending) => {
-                    if let Err(end) = Box::pin(self.on_live(ws, live, &mut batch)).await {
+                    if let Err(end) = Box::pin(self.on_live(t, live, &mut batch)).await {
                         return end;
                     }
                 }
                 _ = self.outbox.ready() => {
                     let signals = self.outbox.take_signals();
                     if signals != 0 {
-                        if let Err(end) = Box::pin(self.on_signals(ws, signals)).await {
+                        if let Err(end) = Box::pin(self.on_signals(t, signals)).await {
                             return end;
                         }
                     }
@@ -609,21 +600,21 @@ impl Session {
                         return End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER);
                     }
                     if self.pending.is_some() {
-                        if let Err(end) = Box::pin(self.before_joined(ws, &mut batch)).await {
+                        if let Err(end) = Box::pin(self.before_joined(t, &mut batch)).await {
                             return end;
                         }
                     }
-                    if let Err(end) = self.write_batch(ws, &mut batch).await {
+                    if let Err(end) = self.write_batch(t, &mut batch).await {
                         return end;
                     }
                 }
-                msg = ws.recv(), if welcomed => {
+                msg = t.recv(), if welcomed => {
                     let text = match self.on_message(msg) {
                         Ok(Some(text)) => text,
                         Ok(None) => continue,
                         Err(end) => return end,
                     };
-                    if let Err(end) = Box::pin(self.on_text(ws, text.as_str())).await {
+                    if let Err(end) = Box::pin(self.on_text(t, text.as_str())).await {
                         return end;
                     }
                 }
@@ -633,7 +624,7 @@ impl Session {
 
     /// Act on the node's signals: drain (1001), or heartbeat (ping, or 4001 when the client
     /// has been silent for `ping_timeout_ms`).
-    async fn on_signals(&mut self, ws: &mut WebSocket, signals: u8) -> Result<(), End> {
+    async fn on_signals<T: Transport>(&mut self, t: &mut T, signals: u8) -> Result<(), End> {
         if signals & signal::SHUTDOWN != 0 {
             return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
         }
@@ -645,8 +636,10 @@ impl Session {
             } else {
                 self.check_heartbeat()?;
             }
-            self.guarded(ws.send(Message::Ping(Default::default())))
-                .await?;
+            self.guarded(t.ping()).await?;
+            if T::PING_PROVES_LIFE {
+                self.last_seen = Instant::now();
+            }
         }
         Ok(())
     }
@@ -675,17 +668,17 @@ impl Session {
     }
 
     /// Write one batch of queued frames: feed them all, flush once.
-    async fn write_batch(
+    async fn write_batch<T: Transport>(
         &mut self,
-        ws: &mut WebSocket,
+        t: &mut T,
         batch: &mut VecDeque<Frame>,
     ) -> Result<(), End> {
         self.drop_replayed(batch);
         let write = async {
             for frame in batch.iter() {
-                ws.feed(Message::Text(frame.text.clone())).await?;
+                t.feed(frame.text.clone()).await?;
             }
-            ws.flush().await
+            t.flush().await
         };
         self.guarded(write).await?;
         let now = Instant::now();
@@ -705,14 +698,11 @@ impl Session {
 
     /// Run a write, interrupted by outbox overflow, shutdown or the heartbeat deadline
     /// (checked on each node heartbeat, so a session owns no timer).
-    async fn guarded(
-        &mut self,
-        write: impl Future<Output = Result<(), axum::Error>>,
-    ) -> Result<(), End> {
+    async fn guarded(&mut self, write: impl Future<Output = Result<(), End>>) -> Result<(), End> {
         tokio::pin!(write);
         loop {
             tokio::select! {
-                r = &mut write => return r.map_err(classify_error),
+                r = &mut write => return r,
                 _ = self.outbox.interrupted() => {
                     if self.outbox.overflowed() {
                         return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
@@ -729,8 +719,8 @@ impl Session {
         }
     }
 
-    async fn send(&mut self, ws: &mut WebSocket, text: String) -> Result<(), End> {
-        self.guarded(ws.send(Message::Text(text.into()))).await
+    async fn send<T: Transport>(&mut self, t: &mut T, text: String) -> Result<(), End> {
+        self.guarded(t.send(text.into())).await
     }
 
     fn client_id(&self) -> &str {
@@ -738,27 +728,21 @@ impl Session {
     }
 
     /// Classify what the socket gave: a text frame to handle, nothing to do, or the end.
-    fn on_message(
-        &mut self,
-        msg: Option<Result<Message, axum::Error>>,
-    ) -> Result<Option<Utf8Bytes>, End> {
-        let msg = match msg {
-            None => return Err(End::Gone(reason::CLIENT_CLOSE)),
-            Some(Err(e)) => return Err(classify_error(e)),
-            Some(Ok(msg)) => msg,
-        };
+    fn on_message(&mut self, msg: Inbound) -> Result<Option<Utf8Bytes>, End> {
+        if let Inbound::Lost(end) = msg {
+            return Err(end);
+        }
         self.last_seen = Instant::now();
         self.check_expiry()?;
         match msg {
-            Message::Text(text) => Ok(Some(text)),
-            Message::Binary(_) => Err(End::Close(close::UNSUPPORTED_DATA, reason::BINARY_FRAME)),
-            Message::Ping(_) | Message::Pong(_) => Ok(None),
-            Message::Close(_) => Err(End::Gone(reason::CLIENT_CLOSE)),
+            Inbound::Text(text) => Ok(Some(text)),
+            Inbound::Seen => Ok(None),
+            Inbound::Refused(end) | Inbound::Lost(end) => Err(end),
         }
     }
 
     /// Handle one client frame; Err ends the session.
-    async fn on_text(&mut self, ws: &mut WebSocket, text: &str) -> Result<(), End> {
+    async fn on_text<T: Transport>(&mut self, t: &mut T, text: &str) -> Result<(), End> {
         let frames = &self.node.metrics.client_frames;
         let frame = match protocol::parse_client_frame(text) {
             Ok(frame) => frame,
@@ -771,18 +755,21 @@ impl Session {
                     None,
                     protocol::salvage_id(text),
                 );
-                return self.send(ws, reply).await;
+                return self.send(t, reply).await;
             }
         };
         let reply = match frame {
             ClientFrame::Subscribe { channel, id, since } => {
                 frames.with_label_values(&[frame_type::SUBSCRIBE]).inc();
-                return self.on_subscribe(ws, channel, id, since).await;
+                return self.on_subscribe(t, channel, id, since).await;
             }
             ClientFrame::Unsubscribe { channel, id } => {
                 frames.with_label_values(&[frame_type::UNSUBSCRIBE]).inc();
+                if channel != self.personal {
+                    t.forget(&channel);
+                }
                 for reply in self.on_unsubscribe(&channel, id) {
-                    self.send(ws, reply).await?;
+                    self.send(t, reply).await?;
                 }
                 None
             }
@@ -800,7 +787,7 @@ impl Session {
             }
         };
         match reply {
-            Some(reply) => self.send(ws, reply).await,
+            Some(reply) => self.send(t, reply).await,
             None => Ok(()),
         }
     }
@@ -903,9 +890,9 @@ impl Session {
     }
 
     /// Subscribe, answer `subscribed` (or an error), then replay from `since` if given.
-    async fn on_subscribe(
+    async fn on_subscribe<T: Transport>(
         &mut self,
-        ws: &mut WebSocket,
+        t: &mut T,
         channel: String,
         id: Option<&RawValue>,
         since: Option<String>,
@@ -922,7 +909,7 @@ impl Session {
                     bad.chars().take(64).collect::<String>()
                 );
                 let frame = protocol::error_frame("bad_since", &message, Some(&channel), id);
-                return self.send(ws, frame).await;
+                return self.send(t, frame).await;
             }
         };
         let added = self
@@ -932,17 +919,17 @@ impl Session {
             Ok(added) => added,
             Err((code, message)) => {
                 let frame = protocol::error_frame(code, &message, Some(&channel), id);
-                return self.send(ws, frame).await;
+                return self.send(t, frame).await;
             }
         };
         // Already subscribed: it is live (or will be), and what a replay would hold was
         // already delivered.
         let since = offset.filter(|_| added);
         let Some(live) = self.node.bus.live(&channel) else {
-            self.send(ws, protocol::ack_frame("subscribed", &channel, id))
+            self.send(t, protocol::ack_frame("subscribed", &channel, id))
                 .await?;
             return match since {
-                Some(since) => self.recover(ws, &channel, since, id).await,
+                Some(since) => self.recover(t, &channel, since, id).await,
                 None => Ok(()),
             };
         };
@@ -953,7 +940,7 @@ impl Session {
             let message = "too many subscriptions waiting for the bus";
             let frame =
                 protocol::error_frame("too_many_subscriptions", message, Some(&channel), id);
-            return self.send(ws, frame).await;
+            return self.send(t, frame).await;
         }
         pending.waits.push(Wait {
             channel: channel.into(),
@@ -1116,24 +1103,4 @@ fn ready_live(pending: &mut Option<Box<Pending>>) -> Option<(usize, Option<Offse
             Err(TryRecvError::Closed) => Some((i, None)),
             Err(TryRecvError::Empty) => None,
         })
-}
-
-/// Map a WebSocket read/write error to how the session ends.
-fn classify_error(e: axum::Error) -> End {
-    let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => {
-            End::Close(close::MESSAGE_TOO_BIG, reason::MESSAGE_TOO_BIG)
-        }
-        Some(tungstenite::Error::Utf8(_)) => {
-            End::Close(close::INVALID_PAYLOAD, reason::INVALID_UTF8)
-        }
-        Some(tungstenite::Error::Protocol(_)) => {
-            End::Close(close::PROTOCOL_ERROR, reason::PROTOCOL_ERROR)
-        }
-        Some(tungstenite::Error::ConnectionClosed) | Some(tungstenite::Error::AlreadyClosed) => {
-            End::Gone(reason::CLIENT_CLOSE)
-        }
-        _ => End::Gone(reason::IO_ERROR),
-    }
 }

@@ -1747,9 +1747,23 @@ impl Metrics {
     }
 
     /// The value of a series, e.g. `gateway_connections` or
-    /// `gateway_disconnects_total{reason="slow_consumer"}`; 0 when absent.
+    /// `gateway_disconnects_total{reason="slow_consumer"}`; 0 when absent. Like PromQL's
+    /// `sum(…)`, a key that names fewer labels than the series carry sums every series that
+    /// has those labels: `gateway_connections` is the sum over `transport`, and
+    /// `gateway_connections{transport="sse"}` one of them.
     pub fn get(&self, key: &str) -> f64 {
-        self.series.get(key).copied().unwrap_or(0.0)
+        if let Some(value) = self.series.get(key) {
+            return *value;
+        }
+        let (name, wanted) = split_series(key);
+        self.series
+            .iter()
+            .filter(|(k, _)| {
+                let (n, labels) = split_series(k);
+                n == name && wanted.iter().all(|w| labels.contains(w))
+            })
+            .map(|(_, v)| v)
+            .sum()
     }
 
     /// Whether a metric family is present.
@@ -1757,6 +1771,21 @@ impl Metrics {
         self.series.keys().any(|k| {
             k == name || k.starts_with(&format!("{name}{{")) || k.starts_with(&format!("{name}_"))
         })
+    }
+}
+
+/// A series key's name and its `label="value"` pairs (values never contain `,` here).
+fn split_series(key: &str) -> (&str, Vec<&str>) {
+    match key.split_once('{') {
+        Some((name, labels)) => (
+            name,
+            labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (key, Vec::new()),
     }
 }
 

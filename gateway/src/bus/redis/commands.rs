@@ -1,5 +1,5 @@
-//! The node's command connections to Redis (everything but pub/sub): client publishes and the
-//! history script. A deadpool pool of multiplexed connections on a single Redis, or
+//! The node's command connections to Redis (everything but pub/sub): client publishes, the
+//! history script, and the small expiring keys of the node's SSE sessions. A deadpool pool of multiplexed connections on a single Redis, or
 //! deadpool-redis's cluster pool on a Redis Cluster, where the crate routes every command to
 //! the shard of its key (a script by its keys, SPUBLISH by its channel) and follows `MOVED`.
 
@@ -85,6 +85,84 @@ impl Commands {
                 publish_on(&mut conn, "SPUBLISH", key, payload).await
             }
         }
+    }
+
+    /// `SET key value PX ttl_ms` for every entry: one pipeline on a single Redis, concurrent
+    /// commands on a cluster (each routed to its key's shard).
+    pub async fn set_px(&self, entries: &[(String, String)], ttl_ms: u64) -> Result<(), BusError> {
+        let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(e.to_string());
+        match self {
+            Commands::Standalone(pool) => {
+                let mut pipe = redis::pipe();
+                for (key, value) in entries {
+                    pipe.cmd("SET")
+                        .arg(key)
+                        .arg(value)
+                        .arg("PX")
+                        .arg(ttl_ms)
+                        .ignore();
+                }
+                let mut conn = pool.get().await.map_err(|e| unavailable(&e))?;
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| unavailable(&e))
+            }
+            Commands::Cluster(pool) => {
+                let conn = pool.get().await.map_err(|e| unavailable(&e))?;
+                for chunk in entries.chunks(CLUSTER_CONCURRENCY) {
+                    let sets = chunk.iter().map(|(key, value)| {
+                        let mut conn = conn.clone();
+                        async move {
+                            redis::cmd("SET")
+                                .arg(key)
+                                .arg(value)
+                                .arg("PX")
+                                .arg(ttl_ms)
+                                .query_async::<()>(&mut conn)
+                                .await
+                        }
+                    });
+                    for result in futures_util::future::join_all(sets).await {
+                        result.map_err(|e| unavailable(&e))?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `GET key`.
+    pub async fn get(&self, key: &str) -> Result<Option<String>, BusError> {
+        let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(e.to_string());
+        let get = redis::cmd("GET").arg(key).clone();
+        match self {
+            Commands::Standalone(pool) => {
+                let mut conn = pool.get().await.map_err(|e| unavailable(&e))?;
+                get.query_async(&mut conn).await
+            }
+            Commands::Cluster(pool) => {
+                let mut conn = pool.get().await.map_err(|e| unavailable(&e))?;
+                get.query_async(&mut conn).await
+            }
+        }
+        .map_err(|e| unavailable(&e))
+    }
+
+    /// `DEL key`.
+    pub async fn del(&self, key: &str) -> Result<(), BusError> {
+        let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(e.to_string());
+        let del = redis::cmd("DEL").arg(key).clone();
+        match self {
+            Commands::Standalone(pool) => {
+                let mut conn = pool.get().await.map_err(|e| unavailable(&e))?;
+                del.query_async::<()>(&mut conn).await
+            }
+            Commands::Cluster(pool) => {
+                let mut conn = pool.get().await.map_err(|e| unavailable(&e))?;
+                del.query_async::<()>(&mut conn).await
+            }
+        }
+        .map_err(|e| unavailable(&e))
     }
 
     /// Run `script` once per call. The outer error: Redis did not answer; an inner one: that

@@ -112,6 +112,37 @@ impl RedisBus {
         .inspect_err(|e| tracing::debug!(error = %e, "publish failed"))
     }
 
+    /// Set expiring keys (`<prefix>` + each name), bounded by `redis.timeout_ms`.
+    pub async fn put(&self, entries: &[(String, String)], ttl: Duration) -> Result<(), BusError> {
+        let entries: Vec<(String, String)> = entries
+            .iter()
+            .map(|(name, value)| (format!("{}{name}", self.prefix), value.clone()))
+            .collect();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        match timeout(self.timeout, self.commands.set_px(&entries, ttl_ms)).await {
+            Ok(result) => result,
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
+    /// The value of the key `<prefix><name>`, bounded by `redis.timeout_ms`.
+    pub async fn get(&self, name: &str) -> Result<Option<String>, BusError> {
+        let key = format!("{}{name}", self.prefix);
+        match timeout(self.timeout, self.commands.get(&key)).await {
+            Ok(result) => result,
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
+    /// Delete the key `<prefix><name>`, bounded by `redis.timeout_ms`.
+    pub async fn delete(&self, name: &str) -> Result<(), BusError> {
+        let key = format!("{}{name}", self.prefix);
+        match timeout(self.timeout, self.commands.del(&key)).await {
+            Ok(result) => result,
+            Err(_) => Err(BusError::Timeout),
+        }
+    }
+
     /// `channel`'s history after `since`: at most `limit` entries within `budget` payload
     /// bytes, else gone (see [`history`]).
     pub async fn history(
