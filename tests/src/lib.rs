@@ -31,6 +31,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use deadpool_redis::redis;
 
+pub mod sse;
+pub use sse::{sse_post, SseClient, SseItem};
+
 /// How long any single awaited condition may take before the test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
