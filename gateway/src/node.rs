@@ -95,11 +95,10 @@ impl Node {
         bus: Bus,
         metrics: Metrics,
         verifier: Option<Verifier>,
-        relay: Arc<Relay>,
         index_page: String,
     ) -> Node {
         Node {
-            relay,
+            relay: Arc::new(Relay::new(node_name.clone(), bus.clone(), hub.clone())),
             node_name,
             config,
             hub,

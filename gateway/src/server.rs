@@ -21,7 +21,6 @@ use crate::metrics::{reason, Metrics};
 use crate::node::Node;
 use crate::outbox::signal;
 use crate::protocol::close;
-use crate::relay::Relay;
 use crate::request::{self, error, query_problem, ConnectQuery};
 use crate::session::ws::Ws;
 use crate::{accept, origin, session, sse, ticker};
@@ -63,11 +62,10 @@ pub async fn run(
         .ticks_enabled()
         .then(|| ticker::spawn(&config, &node_name, bus.clone(), background.clone()));
     let index_page = index_page(&config);
-    let relay = Arc::new(Relay::new(node_name.clone(), bus.clone(), hub.clone()));
-    tokio::spawn(relay.clone().run(background.clone()));
     let node = Arc::new(Node::new(
-        config, node_name, hub, bus, metrics, verifier, relay, index_page,
+        config, node_name, hub, bus, metrics, verifier, index_page,
     ));
+    tokio::spawn(node.relay.clone().run(background.clone()));
     tracing::info!(
         node = %node.node_name,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
