@@ -1,5 +1,6 @@
-// GatewayClient — the browser client of the gateway's WebSocket protocol (docs/REFERENCE.md
-// §2 and §5 in the pushgate repository).
+// GatewayClient — the browser client of the gateway's protocol (docs/REFERENCE.md §2, §5 and
+// §9 in the pushgate repository), over a WebSocket or, where none can be opened, over
+// Server-Sent Events (`/sse` plus `POST /sse/{session}`) with the same API.
 //
 // A plain ES module with no dependencies and no build step; the gateway serves it at
 // `/client.js`. It owns one logical connection: it connects to the first URL, follows the
@@ -14,6 +15,10 @@
 //   client.onState((state, info) => console.log(state, info));
 //   client.connect();
 //   await client.subscribe("chat:lobby");
+//
+// `transport: "auto"` (the default) starts with a WebSocket and, when no WebSocket has ever
+// opened (a proxy that refuses the upgrade), falls back to SSE for the rest of the client's
+// life; `"ws"` or `"sse"` pins one. `client.transport` says which is in use.
 //   await client.publish("chat:lobby", { text: "hi" });
 
 /** Close codes after which the client stays closed (docs/REFERENCE.md §2). */
@@ -54,6 +59,8 @@ const DEFAULTS = {
   timeoutMs: 10000,
   // Extra query parameters for every connection URL.
   params: {},
+  // "auto" | "ws" | "sse" (see the header).
+  transport: "auto",
 };
 
 const STATES = ["connecting", "open", "reconnecting", "closed"];
@@ -111,6 +118,9 @@ export class GatewayClient {
 
     this.state = "closed";
     this.info = {};
+    /** "ws" or "sse": the transport of the current (or next) connection. */
+    this.transport = this.options.transport === "sse" ? "sse" : "ws";
+    this.wsOpened = false; // a WebSocket opened once: this network passes them
     this.welcome = null;
     this.ws = null;
     this.urlIndex = 0;
@@ -266,7 +276,12 @@ export class GatewayClient {
     return this.addListener("history_gone", fn);
   }
 
-  /** Generic events: state, welcome, error, history_gone, message, frame. Returns a remover. */
+  /** `fn(transport)` when the client falls back from WebSocket to SSE. */
+  onTransport(fn) {
+    return this.addListener("transport", fn);
+  }
+
+  /** Generic events: state, welcome, error, history_gone, message, frame, transport. Returns a remover. */
   addListener(event, fn) {
     return addTo(this.listeners, event, fn);
   }
@@ -304,9 +319,10 @@ export class GatewayClient {
       if (!this.wanted || this.state === "closed") return;
     }
     const url = this.buildUrl(undefined, token);
+    const transport = this.transport;
     let ws;
     try {
-      ws = new WebSocket(url);
+      ws = transport === "sse" ? new SseSocket(sseUrl(url), token) : new WebSocket(url);
     } catch (err) {
       // A malformed URL throws synchronously; nothing will ever open, so stop.
       this.wanted = false;
@@ -314,12 +330,25 @@ export class GatewayClient {
       return;
     }
     this.ws = ws;
-    ws.onopen = () => this._onOpen(ws);
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      if (transport === "ws") this.wsOpened = true;
+      this._onOpen(ws);
+    };
     ws.onmessage = (ev) => this._onMessage(ws, ev);
     ws.onerror = () => {}; // always followed by close, which carries the code
     ws.onclose = (ev) => {
       if (this.ws !== ws) return;
       this.ws = null;
+      if (!opened && transport === "ws" && !this.wsOpened && this.options.transport === "auto") {
+        // No WebSocket gets through (a proxy refusing the upgrade, a firewall): the same
+        // session over SSE, at once.
+        this.transport = "sse";
+        this._emit("transport", "sse");
+        if (this.wanted) this._open(this.state === "connecting" ? "connecting" : "reconnecting");
+        return;
+      }
       this._closed({ code: ev.code, reason: ev.reason, wasClean: ev.wasClean });
     };
   }
@@ -600,6 +629,7 @@ export class GatewayClient {
     if (!STATES.includes(state)) return;
     const changed = state !== this.state;
     this.state = state;
+    info = { ...info, transport: this.transport };
     this.info = info;
     if (changed || state === "reconnecting") this._emit("state", state, info);
   }
@@ -614,6 +644,106 @@ export class GatewayClient {
         reportError(err);
       }
     }
+  }
+}
+
+/** The `/sse` URL of a `/ws` URL: same host, query and TLS; `/ws` or `/websocket` → `/sse`. */
+export function sseUrl(wsUrl) {
+  const u = new URL(wsUrl, typeof location !== "undefined" ? location.href : undefined);
+  u.protocol = u.protocol === "wss:" ? "https:" : u.protocol === "ws:" ? "http:" : u.protocol;
+  const path = u.pathname.replace(/\/(ws|websocket)\/?$/, "");
+  u.pathname = (path.endsWith("/") ? path : path + "/") + "sse";
+  return u.toString();
+}
+
+/**
+ * A WebSocket look-alike over Server-Sent Events (docs/REFERENCE.md §9): server frames are the
+ * stream's events; `send` POSTs one client frame to `/sse/{session}`, in order. It opens on
+ * the welcome (the session id is needed to send), and closes with the code of the stream's
+ * `event: close`, or 1006 when the stream breaks: the client reconnects and resumes with
+ * `since` itself, so the browser's own reconnect is not used.
+ */
+class SseSocket {
+  constructor(url, token) {
+    this.url = url;
+    this.token = typeof token === "string" ? token : undefined;
+    this.readyState = 0;
+    this.session = null;
+    this.chain = Promise.resolve();
+    this.onopen = this.onmessage = this.onerror = this.onclose = null;
+    const es = (this.es = new EventSource(url));
+    es.onmessage = (ev) => {
+      if (this.readyState === 0) {
+        let frame = null;
+        try {
+          frame = JSON.parse(ev.data);
+        } catch (_) {
+          /* handled by the client */
+        }
+        if (frame && frame.type === "welcome") {
+          this.session = frame.session;
+          this.readyState = 1;
+          if (this.onopen) this.onopen({});
+        }
+      }
+      if (this.readyState === 1 && this.onmessage) this.onmessage({ data: ev.data });
+    };
+    es.addEventListener("close", (ev) => {
+      let info = {};
+      try {
+        info = JSON.parse(ev.data);
+      } catch (_) {
+        /* no code: treated as lost */
+      }
+      this._end(info.code ?? 1006, info.reason || "", true);
+    });
+    es.onerror = () => this._end(1006, "connection lost", false);
+  }
+
+  _end(code, reason, wasClean) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.es.close();
+    if (this.onclose) this.onclose({ code, reason, wasClean });
+  }
+
+  /** POSTs one frame; frames leave one after another, so the session sees them in order. */
+  send(text) {
+    if (this.readyState !== 1) throw new Error("SSE session not open");
+    const target = new URL(this.url);
+    target.pathname = target.pathname.replace(/\/?$/, "/") + encodeURIComponent(this.session);
+    target.search = "";
+    if (this.token) target.searchParams.set("token", this.token);
+    // text/plain and no custom header: a simple request, no CORS preflight.
+    const post = () =>
+      fetch(target, { method: "POST", body: text, headers: { "Content-Type": "text/plain;charset=UTF-8" } })
+        .then(async (res) => {
+          if (res.status === 202) return;
+          if (res.status === 404) return this._end(1006, "session gone");
+          if (res.status === 401 || res.status === 403) return this._end(4401, "token refused");
+          let body = {};
+          try {
+            body = await res.json();
+          } catch (_) {
+            /* keep the status */
+          }
+          let id;
+          try {
+            id = JSON.parse(text).id;
+          } catch (_) {
+            /* no id */
+          }
+          const frame = { type: "error", code: body.error || `http_${res.status}`, message: body.message || res.statusText, id };
+          if (this.readyState === 1 && this.onmessage) this.onmessage({ data: JSON.stringify(frame) });
+        })
+        .catch(() => this._end(1006, "connection lost"));
+    this.chain = this.chain.then(post, post);
+  }
+
+  close() {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.es.close();
   }
 }
 

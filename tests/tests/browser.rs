@@ -145,6 +145,7 @@ return {
   state: q("state").dataset.state,
   state_text: text("state"),
   node: text("node"),
+  transport: text("transport"),
   clock: text("clock"),
   clock_iso: q("clock").getAttribute("datetime"),
   seq: text("seq"),
@@ -937,4 +938,99 @@ async fn on_a_node_without_redis_the_page_ticks_and_suggests_no_command_that_can
     }
     let first = clock_after(&browser, None).await;
     clock_after(&browser, clock_iso(&first).as_deref()).await;
+}
+
+/// A plain TCP proxy to 127.0.0.1:`upstream` that refuses every WebSocket upgrade (403), as
+/// some corporate proxies do, and passes everything else through byte for byte (streams
+/// included). Returns its port; it lives as long as the test's runtime.
+async fn proxy_refusing_websockets(upstream: u16) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if text.contains("\r\nupgrade: websocket") {
+                    let _ = client
+                        .write_all(
+                            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                    return;
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                if server.write_all(&head).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_that_refuses_websockets_the_page_falls_back_to_sse() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster(1).await;
+    let node = &cluster.nodes[0];
+    let proxy = proxy_refusing_websockets(node.port).await;
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser("sse-fallback").await;
+    browser.open(&page_url(proxy, "client_id=sse-tab")).await;
+
+    let snap = browser.wait_open_on(&node.name).await;
+    assert_eq!(
+        snap["transport"], "SSE",
+        "the page shows its transport: {snap:#}"
+    );
+    let m = node.metrics().await;
+    assert_eq!(m.get(r#"gateway_connections{transport="sse"}"#), 1.0);
+    assert_eq!(m.get(r#"gateway_connections{transport="ws"}"#), 0.0);
+
+    // The clock runs over the event stream.
+    let first = clock_after(&browser, None).await;
+    let later = clock_after(&browser, clock_iso(&first).as_deref()).await;
+    assert!(seq_number(&later) > seq_number(&first));
+
+    // An alert from redis-cli appears.
+    cluster.redis.cli(&[
+        "PUBLISH",
+        "alerts",
+        r#"{"level":"warning","title":"Over SSE","text":"no WebSocket needed"}"#,
+    ]);
+    let alert = browser
+        .wait_for("the alert", |s| {
+            alerts_titled(s, "Over SSE").first().cloned().cloned()
+        })
+        .await;
+    assert_eq!(alert["level"], "warning");
+
+    // Client frames go by POST: joining the chat room and sending a message round-trips.
+    browser.fill("chat-name", "Sse").await;
+    browser.fill("chat-input", "typed over SSE").await;
+    browser.click("chat-send").await;
+    let mine = browser
+        .wait_for("the chat message", |s| {
+            s["chat"]
+                .as_array()?
+                .iter()
+                .find(|m| m["text"] == "typed over SSE")
+                .cloned()
+        })
+        .await;
+    assert_eq!(mine["who"], "Sse:");
+    assert_eq!(mine["me"], true);
 }
