@@ -15,11 +15,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use serde_yaml::Value as Yaml;
 use tests::{
-    eventually, free_port, http_get, http_request, repo_root, system_program, Cluster, Metrics,
-    PublisherNode, TempDir, WsClient,
+    eventually, free_port, http_get, http_request, repo_root, sse_post, system_program, Cluster,
+    Metrics, PublisherNode, SseClient, SseItem, TempDir, WsClient,
 };
 
 const PUBLISHER_BIN: &str = env!("CARGO_BIN_EXE_publisher-node");
@@ -650,6 +650,64 @@ async fn nginx_balances_websockets_over_two_gateways() {
     );
     let (status, _) = http_get(nginx.port, "/healthz").await.expect("nginx");
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_passes_sse_sessions_unbuffered_and_their_posts_reach_them_from_either_node() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .env("GATEWAY__HEARTBEAT__PING_INTERVAL_MS", "500")
+        .start()
+        .await;
+    let publisher =
+        PublisherNode::start(&cluster.redis, &[("PUBLISHER__TICK__ENABLED", "false")]).await;
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let nginx = Nginx::start(&ports, publisher.port).await;
+
+    let mut client = SseClient::connect(nginx.port, "/sse?channels=alerts", &[]).await;
+    assert_eq!(client.head.status, 200, "{:?}", client.head);
+    assert_eq!(
+        client.head.header("content-type"),
+        Some("text/event-stream")
+    );
+    let welcome = client.expect_type("welcome").await;
+    let session = welcome["session"].as_str().unwrap().to_owned();
+
+    // Unbuffered: a heartbeat comment of a few bytes gets through on its own.
+    let mut pinged = false;
+    for _ in 0..20 {
+        if client.next().await == SseItem::Comment("ping".into()) {
+            pinged = true;
+            break;
+        }
+    }
+    assert!(pinged, "no `: ping` through nginx");
+
+    // Client frames by POST through nginx land on either node (round robin); every one is
+    // answered on the stream.
+    let mut forwarded = 0;
+    for id in 1..=6 {
+        let reply = sse_post(nginx.port, &session, &json!({"type":"ping","id":id}), &[]).await;
+        assert_eq!(reply.status, 202, "{reply:?}");
+        if reply.body.contains(r#""forwarded":true"#) {
+            forwarded += 1;
+        }
+    }
+    assert!(forwarded > 0, "no POST reached the other node");
+    let mut pongs = BTreeSet::new();
+    while pongs.len() < 6 {
+        let pong = client.until_type("pong").await;
+        pongs.insert(pong["id"].as_u64().unwrap());
+    }
+    assert_eq!(pongs, (1..=6).collect());
+
+    cluster.redis.cli(&[
+        "PUBLISH",
+        "alerts",
+        r#"{"level":"critical","text":"sse through nginx"}"#,
+    ]);
+    let message = client.until_message("alerts").await;
+    assert_eq!(message["data"]["text"], "sse through nginx");
 }
 
 // === Prometheus ===
