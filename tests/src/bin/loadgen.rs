@@ -7,7 +7,9 @@
 //! seconds they used while publishing, from which it derives deliveries per CPU-second.
 //!
 //! The client side is a minimal WebSocket reader (raw TCP, no tungstenite) so that the load
-//! generator spends as little of the shared machine's CPU as possible per delivery.
+//! generator spends as little of the shared machine's CPU as possible per delivery. With
+//! `--sse` the same sessions are opened over Server-Sent Events instead (`ws://host/ws` →
+//! `GET http://host/sse`), read by an equally minimal event-stream reader.
 //!
 //! ```text
 //! loadgen --url ws://127.0.0.1:8080/ws,ws://127.0.0.1:8081/ws --redis redis://127.0.0.1:6379 \
@@ -76,6 +78,10 @@ struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Open the sessions over Server-Sent Events (`/sse` of the same hosts) instead of
+    /// WebSocket.
+    #[arg(long)]
+    sse: bool,
 }
 
 fn now_us() -> u64 {
@@ -140,11 +146,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let url = args.url[i % args.url.len()].clone();
         let channel = format!("bench-{}", i % args.channels.max(1));
         let gate = gate.clone();
+        let sse = args.sse;
         connecting.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await.ok()?;
             let t = Instant::now();
             let conn =
-                tokio::time::timeout(Duration::from_secs(10), WsConn::connect(&url, &channel))
+                tokio::time::timeout(Duration::from_secs(10), Conn::connect(&url, &channel, sse))
                     .await;
             match conn {
                 Ok(Ok(conn)) => Some((conn, t.elapsed())),
@@ -228,6 +235,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ms = |v: u64| v as f64 / 1000.0;
     let report = json!({
         "connections": {"requested": args.connections, "made": made, "failed": failed,
+            "transport": if args.sse { "sse" } else { "ws" },
             "connect_secs": connect_secs,
             "connect_ms_p50": ms(connect_times.value_at_quantile(0.5)),
             "connect_ms_p99": ms(connect_times.value_at_quantile(0.99)),
@@ -460,6 +468,191 @@ async fn publish(args: &Args) -> anyhow::Result<u64> {
     Ok(sent)
 }
 
+// === the two transports ===
+
+enum Conn {
+    Ws(WsConn),
+    Sse(SseConn),
+}
+
+impl Conn {
+    async fn connect(url: &str, channel: &str, sse: bool) -> anyhow::Result<Conn> {
+        Ok(match sse {
+            false => Conn::Ws(WsConn::connect(url, channel).await?),
+            true => Conn::Sse(SseConn::connect(url, channel).await?),
+        })
+    }
+
+    async fn read_loop(self, shared: Arc<Shared>, stop: CancellationToken) {
+        match self {
+            Conn::Ws(c) => c.read_loop(shared, stop).await,
+            Conn::Sse(c) => c.read_loop(shared, stop).await,
+        }
+    }
+}
+
+/// Count one message frame's text: received, duplicate or out of order, and its latency.
+fn count(frame: &[u8], stats: &mut ConnStats, last_seq: &mut u64, latencies: &mut Vec<u64>) {
+    if let Some((seq, t)) = seq_and_time(frame) {
+        stats.received += 1;
+        latencies.push(now_us().saturating_sub(t).max(1));
+        if seq <= *last_seq {
+            stats.duplicates += 1;
+        } else {
+            if seq != *last_seq + 1 && *last_seq != 0 {
+                stats.out_of_order += 1;
+            }
+            *last_seq = seq;
+        }
+    }
+}
+
+fn finish_conn(shared: &Shared, stats: ConnStats, latencies: &mut Vec<u64>) {
+    flush_latencies(shared, latencies);
+    if let Some(code) = stats.closed_with {
+        *shared
+            .closes
+            .lock()
+            .unwrap()
+            .entry(code.to_string())
+            .or_default() += 1;
+    }
+    shared.stats.lock().unwrap().push(stats);
+}
+
+// === a minimal SSE client ===
+
+struct SseConn {
+    stream: TcpStream,
+    /// Raw (chunked) body bytes read past the welcome.
+    leftover: Vec<u8>,
+}
+
+/// Decode the complete chunks at the start of `raw` into `body`; returns the bytes consumed,
+/// and whether the last chunk (size 0) was seen.
+fn dechunk(raw: &[u8], body: &mut Vec<u8>) -> (usize, bool) {
+    let mut at = 0;
+    loop {
+        let Some(line) = raw[at..].windows(2).position(|w| w == b"\r\n") else {
+            return (at, false);
+        };
+        let size = std::str::from_utf8(&raw[at..at + line])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
+            .unwrap_or(0);
+        if size == 0 {
+            return (raw.len(), true);
+        }
+        let start = at + line + 2;
+        if raw.len() < start + size + 2 {
+            return (at, false);
+        }
+        body.extend_from_slice(&raw[start..start + size]);
+        at = start + size + 2;
+    }
+}
+
+impl SseConn {
+    async fn connect(url: &str, channel: &str) -> anyhow::Result<SseConn> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| anyhow::anyhow!("ws:// URLs only (their hosts get /sse)"))?;
+        let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
+        let mut stream = TcpStream::connect(authority).await?;
+        stream.set_nodelay(true)?;
+        let request = format!("GET /sse?channels={channel} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        let mut body = Vec::new();
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            anyhow::ensure!(n > 0, "closed before the welcome");
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            anyhow::ensure!(buf.starts_with(b"HTTP/1.1 200"), "stream refused");
+            let mut raw = buf.split_off(end + 4);
+            // Wait for the welcome event (the subscription is then in place).
+            loop {
+                let (used, ended) = dechunk(&raw, &mut body);
+                raw.drain(..used);
+                anyhow::ensure!(!ended, "stream ended before the welcome");
+                if let Some(e) = body.windows(2).position(|w| w == b"\n\n") {
+                    let event = std::str::from_utf8(&body[..e])?;
+                    anyhow::ensure!(
+                        event.contains(r#""type":"welcome""#),
+                        "expected welcome, got {event}"
+                    );
+                    // Events after the welcome are not expected before the publishing starts.
+                    return Ok(SseConn {
+                        stream,
+                        leftover: raw,
+                    });
+                }
+                let n = stream.read(&mut chunk).await?;
+                anyhow::ensure!(n > 0, "closed before the welcome");
+                raw.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+
+    async fn read_loop(mut self, shared: Arc<Shared>, stop: CancellationToken) {
+        let mut stats = ConnStats::default();
+        let mut last_seq = 0u64;
+        let mut reported = 0u64;
+        let mut latencies: Vec<u64> = Vec::new();
+        let mut raw = std::mem::take(&mut self.leftover);
+        let mut body: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        'outer: loop {
+            let (used, ended) = dechunk(&raw, &mut body);
+            raw.drain(..used);
+            let mut at = 0;
+            while let Some(end) = body[at..].windows(2).position(|w| w == b"\n\n") {
+                let event = &body[at..at + end];
+                if event.starts_with(b"event: close") {
+                    stats.closed_with = seq_after(event, b"\"code\":").map(|c| c as u16);
+                    break 'outer;
+                }
+                count(event, &mut stats, &mut last_seq, &mut latencies);
+                at += end + 2;
+            }
+            body.drain(..at);
+            if ended {
+                break;
+            }
+            shared
+                .received
+                .fetch_add(stats.received - reported, Ordering::Relaxed);
+            reported = stats.received;
+            if latencies.len() >= 4096 {
+                flush_latencies(&shared, &mut latencies);
+            }
+            let n = tokio::select! {
+                r = self.stream.read(&mut chunk) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+                _ = stop.cancelled() => break,
+            };
+            raw.extend_from_slice(&chunk[..n]);
+        }
+        shared
+            .received
+            .fetch_add(stats.received - reported, Ordering::Relaxed);
+        finish_conn(&shared, stats, &mut latencies);
+    }
+}
+
+/// The number after `key` in `text`.
+fn seq_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&text[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
 // === a minimal WebSocket client ===
 
 struct WsConn {
@@ -525,20 +718,7 @@ impl WsConn {
             let mut at = 0;
             while let Some((len, opcode, payload)) = parse_server_frame(&buf[at..]) {
                 match opcode {
-                    1 => {
-                        if let Some((seq, t)) = seq_and_time(payload) {
-                            stats.received += 1;
-                            latencies.push(now_us().saturating_sub(t).max(1));
-                            if seq <= last_seq {
-                                stats.duplicates += 1;
-                            } else {
-                                if seq != last_seq + 1 && last_seq != 0 {
-                                    stats.out_of_order += 1;
-                                }
-                                last_seq = seq;
-                            }
-                        }
-                    }
+                    1 => count(payload, &mut stats, &mut last_seq, &mut latencies),
                     8 => {
                         let code = (payload.len() >= 2)
                             .then(|| u16::from_be_bytes([payload[0], payload[1]]));
@@ -571,16 +751,7 @@ impl WsConn {
             };
             buf.extend_from_slice(&chunk[..n]);
         }
-        flush_latencies(&shared, &mut latencies);
-        if let Some(code) = stats.closed_with {
-            *shared
-                .closes
-                .lock()
-                .unwrap()
-                .entry(code.to_string())
-                .or_default() += 1;
-        }
-        shared.stats.lock().unwrap().push(stats);
+        finish_conn(&shared, stats, &mut latencies);
     }
 }
 
@@ -607,18 +778,7 @@ fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 /// Pull `"seq":N` and `"t":N` out of a message frame without a JSON parser.
 fn seq_and_time(frame: &[u8]) -> Option<(u64, u64)> {
-    let number_after = |key: &[u8]| -> Option<u64> {
-        let at = frame.windows(key.len()).position(|w| w == key)? + key.len();
-        let digits = frame[at..]
-            .iter()
-            .take_while(|b| b.is_ascii_digit())
-            .count();
-        std::str::from_utf8(&frame[at..at + digits])
-            .ok()?
-            .parse()
-            .ok()
-    };
-    Some((number_after(b"\"seq\":")?, number_after(b"\"t\":")?))
+    Some((seq_after(frame, b"\"seq\":")?, seq_after(frame, b"\"t\":")?))
 }
 
 // === /proc readings ===
