@@ -360,3 +360,46 @@ impl Relay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_channels_are_no_client_channel() {
+        let channel = forward_channel("gw-1");
+        assert_eq!(channel, "gateway#sse/gw-1");
+        assert!(!crate::protocol::valid_channel(&channel));
+        // A node name with characters a frame cannot carry verbatim is made safe.
+        assert_eq!(forward_channel("a\"b c"), "gateway#sse/a_b_c");
+    }
+
+    #[tokio::test]
+    async fn a_local_session_gets_its_frames_and_leaves_with_its_registration() {
+        let metrics = crate::metrics::Metrics::new();
+        let hub = Arc::new(Hub::new(metrics.clone()));
+        let bus = Bus::Memory(Arc::new(crate::bus::memory::MemoryBus::new(
+            hub.clone(),
+            metrics,
+        )));
+        let relay = Arc::new(Relay::new("gw-1".into(), bus, hub));
+        let id = uuid::Uuid::new_v4();
+        let (registration, mut inbox) = relay.register(id, "alice");
+        let owner = relay.lookup(id).await.unwrap().expect("registered");
+        assert_eq!(owner.client_id(), "alice");
+        relay.deliver(id, owner, "{}".into()).await.unwrap();
+        assert_eq!(inbox.recv().await.as_deref(), Some("{}"));
+        // The inbox is bounded: the 17th waiting frame is refused.
+        for _ in 0..INBOX {
+            let owner = relay.lookup(id).await.unwrap().unwrap();
+            relay.deliver(id, owner, "{}".into()).await.unwrap();
+        }
+        let owner = relay.lookup(id).await.unwrap().unwrap();
+        assert!(matches!(
+            relay.deliver(id, owner, "{}".into()).await,
+            Err(DeliverError::Busy)
+        ));
+        drop(registration);
+        assert!(relay.lookup(id).await.unwrap().is_none());
+    }
+}

@@ -17,7 +17,7 @@ use crate::protocol::close;
 pub struct Ws(pub WebSocket);
 
 impl Transport for Ws {
-    const KIND: &'static str = "ws";
+    const KIND: &'static str = crate::metrics::transport::WS;
     const PING_PROVES_LIFE: bool = false;
 
     async fn feed(&mut self, frame: Utf8Bytes) -> Result<(), End> {
