@@ -2,12 +2,15 @@
 //!
 //! The hub never touches sockets or Redis. It answers "was this the first local subscriber /
 //! the last one gone?" so the caller can tell the bus, and for every message it builds the
-//! frame once and pushes a refcounted clone into each subscriber's [`Outbox`].
+//! frame once (the WebSocket frame's wire bytes, [`Frame`]) and pushes a refcounted clone
+//! into each subscriber's [`Outbox`], which writes it to a waiting WebSocket session's socket
+//! at once or queues it.
 //!
 //! The map is split into shards, each behind a std `RwLock` that is never held across
 //! `.await`: fan-out takes a read lock on one shard, so subscribes on other channels (and
 //! fan-outs on the same one) are not stalled.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -21,6 +24,65 @@ use crate::protocol;
 pub type SessionId = u64;
 
 const SHARDS: usize = 32;
+
+/// A batch of fan-outs whose socket writes are held back and done together ([`corked`]).
+#[derive(Default)]
+struct Cork {
+    /// Outboxes owed frames in this batch, each once.
+    dirty: Vec<Arc<Outbox>>,
+    /// Per message: when it was born, to how many sessions it is owed, and the histogram to
+    /// observe that in once written.
+    owed: Vec<(Instant, usize, prometheus::Histogram)>,
+}
+
+thread_local! {
+    /// The cork of the fan-out running on this thread, if any. Thread-local because a cork
+    /// lives within one synchronous stretch of one task ([`corked`] takes a closure, which
+    /// cannot await), so no other task's fan-out is ever held back by it.
+    static CORK: RefCell<Option<Cork>> = const { RefCell::new(None) };
+}
+
+/// Run `f`, which fans out several messages (everything Redis delivered in one read), with
+/// the socket writes corked: each WebSocket session in its steady state gets the frames of
+/// all those messages in one (vectored) write when `f` returns, instead of one write per
+/// message, as uWebSockets corks a loop turn's writes. Each message is still framed once;
+/// nothing is woken per socket; a socket that cannot take everything is finished by its own
+/// session, which is woken for that.
+pub fn corked<R>(f: impl FnOnce() -> R) -> R {
+    /// Lifts the cork when `f` returns or unwinds, so a panic never leaves frames owed.
+    struct Lift;
+    impl Drop for Lift {
+        fn drop(&mut self) {
+            if let Some(cork) = CORK.with_borrow_mut(Option::take) {
+                uncork(cork);
+            }
+        }
+    }
+    if CORK.with_borrow(Option::is_some) {
+        // Already corked further up: the outer cork lifts everything.
+        return f();
+    }
+    CORK.with_borrow_mut(|c| *c = Some(Cork::default()));
+    let _lift = Lift;
+    f()
+}
+
+fn uncork(cork: Cork) {
+    for outbox in &cork.dirty {
+        match outbox.write_wire() {
+            Ok(crate::outbox::Wrote::All) => {}
+            // Full or failing: the session writes the rest, or finds out why it cannot.
+            _ => outbox.wake_writer(),
+        }
+    }
+    let now = Instant::now();
+    for (born, n, histogram) in &cork.owed {
+        let latency = now.saturating_duration_since(*born).as_secs_f64();
+        for _ in 0..*n {
+            histogram.observe(latency);
+        }
+    }
+}
 
 /// A channel's local subscribers. A Vec rather than a map: fan-out iterates it (contiguous is
 /// fastest), most channels have one subscriber (personal channels), and removal is a scan
@@ -158,7 +220,8 @@ impl Hub {
     }
 
     /// Fan one message out to every local subscriber of `channel`. The frame is built once
-    /// (only if someone listens) and shared. Returns the number of sessions it was queued to.
+    /// (only if someone listens) and shared. Returns the number of sessions it was written or
+    /// queued to.
     pub fn publish(
         &self,
         channel: &str,
@@ -172,13 +235,39 @@ impl Hub {
         };
         let frame = Frame::new(protocol::message_frame(channel, payload, offset), born);
         let (mut queued, mut dropped) = (0, 0);
-        for (_, outbox) in subs {
-            match outbox.push(frame.clone()) {
-                Push::Queued => queued += 1,
-                Push::Overflowed { dropped: n } => dropped += n,
-                Push::Closed => dropped += 1,
+        CORK.with_borrow_mut(|cork| {
+            let mut owed = 0;
+            for (_, outbox) in subs {
+                let push = match cork {
+                    Some(_) => outbox.push_corked(frame.clone()),
+                    None => outbox.push(frame.clone()),
+                };
+                match push {
+                    Push::Written => {
+                        queued += 1;
+                        self.metrics
+                            .delivery_latency
+                            .observe(born.elapsed().as_secs_f64());
+                    }
+                    Push::Owed { first } => {
+                        queued += 1;
+                        owed += 1;
+                        if first {
+                            if let Some(cork) = cork.as_mut() {
+                                cork.dirty.push(outbox.clone());
+                            }
+                        }
+                    }
+                    Push::Queued => queued += 1,
+                    Push::Overflowed { dropped: n } => dropped += n,
+                    Push::Closed => dropped += 1,
+                }
             }
-        }
+            if let (Some(cork), true) = (cork.as_mut(), owed > 0) {
+                cork.owed
+                    .push((born, owed, self.metrics.delivery_latency.clone()));
+            }
+        });
         drop(shard);
         self.metrics.messages_delivered.inc_by(queued as u64);
         if dropped > 0 {
@@ -223,12 +312,84 @@ mod tests {
         let (mut fa, mut fb) = (VecDeque::new(), VecDeque::new());
         a.take(&mut fa);
         b.take(&mut fb);
-        // Same allocation: the frame was serialized once.
-        assert_eq!(fa[0].text.as_str().as_ptr(), fb[0].text.as_str().as_ptr());
+        // Same allocation: the frame was serialized and framed once.
+        assert_eq!(fa[0].wire().as_ptr(), fb[0].wire().as_ptr());
+        assert_eq!(
+            fa[0].text(),
+            r#"{"type":"message","channel":"c","data":{"x":1}}"#
+        );
         assert_eq!(hub.unsubscribe("c", 1), Unsubscribed::Removed);
         assert_eq!(hub.unsubscribe("c", 1), Unsubscribed::NotSubscribed);
         assert_eq!(hub.unsubscribe("c", 2), Unsubscribed::Last);
         assert!(!hub.has_subscribers("c"));
         assert!(hub.channels().is_empty());
+    }
+
+    /// The hot path's shape, pinned: a message is framed once for all subscribers; a
+    /// WebSocket session waiting in its steady state gets it written by the fan-out itself,
+    /// without a wake-up; under a cork, several messages are held and written together when
+    /// the cork is lifted, still without a wake-up.
+    #[tokio::test]
+    async fn fan_out_writes_shared_frames_and_corks_a_batch() {
+        use crate::outbox::Wrote;
+        use std::io::Read;
+        use std::time::Duration;
+
+        let frame = |n: u8| {
+            let mut text = br#"{"type":"message","channel":"c","data":"#.to_vec();
+            text.extend([n, b'}']);
+            let mut wire = vec![0x81, text.len() as u8];
+            wire.extend(text);
+            wire
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hub = Hub::new(Metrics::new());
+        let mut clients = Vec::new();
+        let mut outboxes = Vec::new();
+        for id in 0..2 {
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            clients.push(client);
+            let socket = Arc::new(listener.accept().await.unwrap().0);
+            // As a session's socket is long before its steady state: known to be writable.
+            socket.writable().await.unwrap();
+            let outbox = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
+            outbox.set_direct(true);
+            hub.subscribe("c", id, &outbox);
+            outboxes.push(outbox);
+        }
+        assert_eq!(hub.publish("c", b"1", None, Instant::now()), 2);
+        for client in &mut clients {
+            let mut got = vec![0; frame(b'1').len()];
+            client.read_exact(&mut got).unwrap();
+            assert_eq!(got, frame(b'1'));
+        }
+        corked(|| {
+            assert_eq!(hub.publish("c", b"2", None, Instant::now()), 2);
+            assert_eq!(hub.publish("c", b"3", None, Instant::now()), 2);
+            // Held back: nothing of the batch is on the wire yet.
+            for client in &mut clients {
+                client.set_nonblocking(true).unwrap();
+                let e = client.read(&mut [0u8; 64]).unwrap_err();
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+                client.set_nonblocking(false).unwrap();
+            }
+        });
+        for client in &mut clients {
+            let mut got = vec![0; 2 * frame(b'2').len()];
+            client.read_exact(&mut got).unwrap();
+            assert_eq!(got, [frame(b'2'), frame(b'3')].concat());
+        }
+        for outbox in &outboxes {
+            // Nobody was woken, and nothing is left owed.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(20), outbox.ready())
+                    .await
+                    .is_err()
+            );
+            assert_eq!(outbox.write_wire().unwrap(), Wrote::All);
+        }
     }
 }

@@ -43,6 +43,7 @@ pub mod session;
 pub mod shutdown;
 pub mod sse;
 pub mod ticker;
+pub mod upgrade;
 
 pub use config::Config;
 pub use server::{run, RunError};

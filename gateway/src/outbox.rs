@@ -1,9 +1,23 @@
-//! A session's outbound queue and wake-up point: bounded in bytes, filled by the hub's
-//! fan-out, drained by the session's writer in batches; it also carries the node's signals to
-//! the session (shutdown, heartbeat), so a session waits on nothing shared with other sessions.
+//! A session's outbound path: the queue the hub's fan-out fills, bounded in bytes, and, for a
+//! WebSocket session, the socket's write side itself. It also carries the node's signals to
+//! the session (shutdown, heartbeat), so a session waits on nothing shared with other
+//! sessions.
 //!
 //! Overflow is a decision, not backpressure: the queue is emptied, marked overflowed, and the
 //! session closes with 4000 (docs/REFERENCE.md §2). The hub never waits on a session.
+//!
+//! The hot path (a WebSocket session in its steady state, nothing queued): the hub's
+//! [`Outbox::push`] writes the message's pre-built wire bytes (one WebSocket frame, framed
+//! once per message and shared by every subscriber, [`Frame`]) straight into the socket with
+//! a non-blocking `try_write`, and wakes nothing. Only what cannot be written at once (a full
+//! socket, a partial write) is queued, and only then is the session woken, once per batch,
+//! to write the backlog with vectored writes when the socket is writable. Every write to the
+//! socket happens under the outbox's lock and starts at the head of what is owed (`wire`), so
+//! frames never interleave, whoever writes them.
+//!
+//! The session turns direct writes off ([`Outbox::set_direct`]) whenever it does anything
+//! itself (answers a client frame, waits for a channel to be live, recovers, pings, closes):
+//! then frames queue and the session writes them in the order the protocol needs.
 //!
 //! Wake-ups: exactly one task (the session) consumes an outbox, so waking it is an
 //! `AtomicWaker` plus flag bits, lock-free. The writer is woken only when the queue goes from
@@ -12,34 +26,85 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
+use tokio::net::TcpStream;
 
-/// One outgoing text frame. `text` is shared (refcounted) by every session it goes to.
+/// One outgoing text frame, built once and shared (refcounted) by every session it goes to:
+/// the WebSocket frame as it goes on the wire (an unmasked server frame: the same bytes for
+/// every subscriber), whose tail is the frame's JSON text (what SSE and the session's
+/// filters read).
 #[derive(Clone, Debug)]
 pub struct Frame {
-    pub text: Utf8Bytes,
+    wire: Bytes,
+    /// Length of the WebSocket header in front of the text (2, 4 or 10 bytes).
+    header: u8,
     /// When the message was published (or reached the node), for the latency histogram.
     pub born: Instant,
 }
 
 impl Frame {
+    /// Frame `text` as a final WebSocket text frame (RFC 6455 §5.2: FIN + opcode 1, no mask).
     pub fn new(text: String, born: Instant) -> Frame {
+        let len = text.len();
+        let mut wire = BytesMut::with_capacity(len + 10);
+        wire.put_u8(0x81);
+        if len < 126 {
+            wire.put_u8(len as u8);
+        } else if len <= usize::from(u16::MAX) {
+            wire.put_u8(126);
+            wire.put_u16(len as u16);
+        } else {
+            wire.put_u8(127);
+            wire.put_u64(len as u64);
+        }
+        let header = wire.len() as u8;
+        wire.put_slice(text.as_bytes());
         Frame {
-            text: Utf8Bytes::from(text),
+            wire: wire.freeze(),
+            header,
             born,
         }
+    }
+
+    /// The frame's JSON text.
+    pub fn text(&self) -> &str {
+        // Built from a `String` in `new`, so always valid UTF-8.
+        std::str::from_utf8(&self.wire[usize::from(self.header)..]).unwrap_or_default()
+    }
+
+    /// The whole WebSocket frame, header included.
+    pub fn wire(&self) -> &Bytes {
+        &self.wire
+    }
+
+    /// What the frame costs the session's byte budget.
+    pub fn len(&self) -> usize {
+        self.wire.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.wire.is_empty()
     }
 }
 
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
+    /// Written to the socket whole, at once: nobody was woken.
+    Written,
+    /// Under a cork: owed to the socket, to be written with the cork's other frames by
+    /// whoever lifts it ([`Outbox::write_wire`]); `first` when nothing was owed before, i.e.
+    /// the lifter must write this outbox.
+    Owed {
+        first: bool,
+    },
     Queued,
     /// The queue overflowed with this frame: it and everything queued were dropped.
     Overflowed {
@@ -62,17 +127,39 @@ const READY: u8 = 1 << 0;
 /// Something that must interrupt a write in progress (overflow or a signal).
 const ABORT: u8 = 1 << 1;
 
+/// At most this many frames per vectored write (well under any `IOV_MAX`).
+const MAX_IOV: usize = 64;
+
 #[derive(Default)]
 struct State {
+    /// Frames the hub queued that the session has not taken yet.
     frames: VecDeque<Frame>,
     bytes: usize,
+    /// WebSocket sessions: bytes owed to the socket, in order (frames the session fed, a
+    /// partial direct write's rest, tungstenite's control frames). The head may be partly
+    /// written already (`written` bytes of it).
+    wire: VecDeque<Bytes>,
+    written: usize,
     closed: bool,
     overflowed: bool,
+    /// The session is in its steady state: the hub may write to the socket itself when
+    /// nothing is queued or owed.
+    direct: bool,
+}
+
+/// How far [`Outbox::write_wire`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrote {
+    /// Everything owed is written.
+    All,
+    /// The socket is full: wait until it is writable, then write again.
+    Blocked,
 }
 
 /// The queue. Shared between the hub and the node (producers) and one session (consumer).
 pub struct Outbox {
-    /// std Mutex: held only for a push or a swap, never across `.await`.
+    /// std Mutex: held only for a push, a swap or one non-blocking write, never across
+    /// `.await`.
     state: Mutex<State>,
     /// The session task's waker.
     waker: AtomicWaker,
@@ -81,16 +168,26 @@ pub struct Outbox {
     /// `signal::*` bits not yet seen by the session.
     signals: AtomicU8,
     limit: usize,
+    /// A WebSocket session's socket (shared with its transport, which reads it). Written
+    /// only under `state`'s lock.
+    socket: Option<Arc<TcpStream>>,
 }
 
 impl Outbox {
+    /// An outbox whose frames the session writes itself (SSE, the node's own consumers).
     pub fn new(limit: usize) -> Outbox {
+        Outbox::with_socket(limit, None)
+    }
+
+    /// An outbox that owns the write side of a WebSocket session's `socket`.
+    pub fn with_socket(limit: usize, socket: Option<Arc<TcpStream>>) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
             wake: AtomicU8::new(0),
             signals: AtomicU8::new(0),
             limit,
+            socket,
         }
     }
 
@@ -105,12 +202,53 @@ impl Outbox {
         self.waker.wake();
     }
 
-    /// Queue a frame. Never blocks beyond the short lock.
+    /// Deliver a frame: written straight to the socket when the session is in its steady
+    /// state and nothing is queued or owed, queued otherwise. Never blocks beyond the short
+    /// lock (and one non-blocking write).
     pub fn push(&self, frame: Frame) -> Push {
-        let len = frame.text.len();
+        self.deliver(frame, false)
+    }
+
+    /// Deliver a frame under a cork (`hub::corked`): in the steady state it is owed to the
+    /// socket, behind whatever is owed already, and written with the others when the cork is
+    /// lifted (one write for a batch of messages); queued otherwise.
+    pub fn push_corked(&self, frame: Frame) -> Push {
+        self.deliver(frame, true)
+    }
+
+    /// Wake the session to write what is owed (the socket was full when a cork was lifted).
+    pub fn wake_writer(&self) {
+        self.wake(READY);
+    }
+
+    fn deliver(&self, frame: Frame, corked: bool) -> Push {
+        let len = frame.len();
         let mut state = self.lock();
         if state.closed {
             return Push::Closed;
+        }
+        if corked && self.socket.is_some() && state.direct && state.frames.is_empty() {
+            let first = state.wire.is_empty();
+            state.wire.push_back(frame.wire);
+            return Push::Owed { first };
+        }
+        if let Some(socket) = self.socket.as_deref() {
+            if state.direct && state.frames.is_empty() && state.wire.is_empty() {
+                match socket.try_write(&frame.wire) {
+                    Ok(n) if n == len => return Push::Written,
+                    Ok(n) => {
+                        // The rest is owed before anything else: the session writes it when
+                        // the socket takes more.
+                        state.wire.push_back(frame.wire);
+                        state.written = n;
+                        drop(state);
+                        self.wake(READY);
+                        return Push::Queued;
+                    }
+                    // Full (or failing): queue it; the session's own write finds out which.
+                    Err(_) => {}
+                }
+            }
         }
         if state.bytes + len > self.limit {
             let dropped = state.frames.len() + 1;
@@ -118,6 +256,7 @@ impl Outbox {
             state.bytes = 0;
             state.closed = true;
             state.overflowed = true;
+            state.direct = false;
             drop(state);
             self.wake(READY | ABORT);
             return Push::Overflowed { dropped };
@@ -130,6 +269,103 @@ impl Outbox {
             self.wake(READY);
         }
         Push::Queued
+    }
+
+    /// Let the hub write to the socket itself (`true`: the session is waiting with nothing
+    /// to filter or order), or make it queue (`false`: the session is doing something
+    /// itself). Only the session calls this.
+    pub fn set_direct(&self, direct: bool) {
+        if self.socket.is_some() {
+            self.lock().direct = direct;
+        }
+    }
+
+    /// Whether the hub may write to the socket itself (for tests and assertions).
+    pub fn is_direct(&self) -> bool {
+        self.lock().direct
+    }
+
+    /// The WebSocket session's socket, if this outbox writes one.
+    pub fn socket(&self) -> Option<&Arc<TcpStream>> {
+        self.socket.as_ref()
+    }
+
+    /// Owe `bytes` to the socket, after everything owed already. Written by
+    /// [`Outbox::write_wire`].
+    pub fn owe(&self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.lock().wire.push_back(bytes);
+        }
+    }
+
+    /// Write what is owed to the socket, in vectored writes, until it is all written or the
+    /// socket is full. Never waits.
+    pub fn write_wire(&self) -> io::Result<Wrote> {
+        let Some(socket) = self.socket.as_deref() else {
+            return Ok(Wrote::All);
+        };
+        let mut state = self.lock();
+        let state = &mut *state;
+        while !state.wire.is_empty() {
+            let result = {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                let mut n = 0;
+                for (slot, bytes) in slices.iter_mut().zip(state.wire.iter()) {
+                    let from = if n == 0 { state.written } else { 0 };
+                    *slot = IoSlice::new(&bytes[from..]);
+                    n += 1;
+                }
+                socket.try_write_vectored(&slices[..n])
+            };
+            let mut wrote = match result {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(wrote) => wrote,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Wrote::Blocked),
+                Err(e) => return Err(e),
+            };
+            while wrote > 0 {
+                let left = state.wire[0].len() - state.written;
+                if wrote >= left {
+                    wrote -= left;
+                    state.wire.pop_front();
+                    state.written = 0;
+                } else {
+                    state.written += wrote;
+                    wrote = 0;
+                }
+            }
+        }
+        Ok(Wrote::All)
+    }
+
+    /// Write everything owed, waiting for the socket as needed. Cancel-safe: what is not
+    /// written stays owed.
+    pub async fn flush_wire(&self) -> io::Result<()> {
+        let Some(socket) = self.socket.as_deref() else {
+            return Ok(());
+        };
+        while self.write_wire()? == Wrote::Blocked {
+            socket.writable().await?;
+        }
+        Ok(())
+    }
+
+    /// [`Outbox::flush_wire`] for a poll-based writer (tungstenite's, through the transport).
+    pub fn poll_flush_wire(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        let Some(socket) = self.socket.as_deref() else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            match self.write_wire() {
+                Ok(Wrote::All) => return Poll::Ready(Ok(())),
+                Ok(Wrote::Blocked) => {
+                    if let Err(e) = std::task::ready!(socket.poll_write_ready(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 
     /// Deliver a node signal (`signal::*`) to the session, interrupting a write in progress.
@@ -160,7 +396,7 @@ impl Outbox {
         .await
     }
 
-    /// Wait until there is something to take, a signal, or an overflow. Cancel-safe.
+    /// Wait until there is something to take or write, a signal, or an overflow. Cancel-safe.
     pub async fn ready(&self) {
         self.wait(READY).await
     }
@@ -188,10 +424,12 @@ impl Outbox {
     }
 
     /// Refuse further frames (the session is ending); returns how many queued frames were
-    /// dropped.
+    /// dropped. What is owed to the socket stays: a partly written frame is finished before
+    /// the close frame.
     pub fn close(&self) -> usize {
         let mut state = self.lock();
         state.closed = true;
+        state.direct = false;
         let dropped = state.frames.len();
         state.frames = VecDeque::new();
         state.bytes = 0;
@@ -203,14 +441,31 @@ impl Outbox {
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::io::AsyncReadExt;
 
     fn frame(s: &str) -> Frame {
         Frame::new(s.to_owned(), Instant::now())
     }
 
     #[test]
+    fn frames_are_websocket_text_frames() {
+        let f = frame("hi");
+        assert_eq!(&f.wire()[..], b"\x81\x02hi");
+        assert_eq!(f.text(), "hi");
+        let long = "x".repeat(300);
+        let f = frame(&long);
+        assert_eq!(&f.wire()[..4], &[0x81, 126, 1, 44]);
+        assert_eq!(f.text(), long);
+        let huge = "y".repeat(70_000);
+        let f = frame(&huge);
+        assert_eq!(&f.wire()[..2], &[0x81, 127]);
+        assert_eq!(&f.wire()[2..10], &70_000u64.to_be_bytes());
+        assert_eq!(f.text().len(), 70_000);
+    }
+
+    #[test]
     fn overflow_drops_and_closes() {
-        let q = Outbox::new(10);
+        let q = Outbox::new(16);
         assert_eq!(q.push(frame("12345")), Push::Queued);
         assert_eq!(q.push(frame("12345")), Push::Queued);
         assert_eq!(q.push(frame("1")), Push::Overflowed { dropped: 3 });
@@ -223,7 +478,7 @@ mod tests {
 
     #[test]
     fn take_drains_and_frees_budget() {
-        let q = Outbox::new(10);
+        let q = Outbox::new(14);
         q.push(frame("12345"));
         q.push(frame("12345"));
         let mut batch = VecDeque::new();
@@ -276,5 +531,115 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// A connected loopback pair: the outbox's socket and the client's end.
+    async fn pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (Arc::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    /// The hot path's shape: in the steady state a frame with nothing queued before it goes
+    /// to the socket from the pusher, whole, and wakes nobody; the bytes are the shared frame.
+    #[tokio::test]
+    async fn steady_state_writes_directly_and_wakes_nobody() {
+        let (socket, mut client) = pair().await;
+        let q = Outbox::with_socket(1 << 20, Some(socket));
+        // Not in the steady state yet: queued, and the session is woken.
+        assert_eq!(q.push(frame("first")), Push::Queued);
+        tokio::time::timeout(Duration::from_secs(1), q.ready())
+            .await
+            .unwrap();
+        let mut batch = VecDeque::new();
+        q.take(&mut batch);
+        for f in &batch {
+            q.owe(f.wire().clone());
+        }
+        q.flush_wire().await.unwrap();
+        q.set_direct(true);
+        let shared = frame("second");
+        for _ in 0..3 {
+            assert_eq!(q.push(shared.clone()), Push::Written);
+        }
+        assert!(tokio::time::timeout(Duration::from_millis(50), q.ready())
+            .await
+            .is_err());
+        let mut expected = b"\x81\x05first".to_vec();
+        for _ in 0..3 {
+            expected.extend_from_slice(b"\x81\x06second");
+        }
+        let mut got = vec![0; expected.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+        // The session takes over (a client frame to answer): frames queue again.
+        q.set_direct(false);
+        assert_eq!(q.push(frame("third")), Push::Queued);
+    }
+
+    /// A client that stops reading: once the socket is full, frames queue (with one wake-up),
+    /// what was owed is finished first, in order, and the byte bound still closes the session.
+    #[tokio::test]
+    async fn a_full_socket_queues_in_order_and_overflows() {
+        let (socket, mut client) = pair().await;
+        socket.writable().await.unwrap();
+        let q = Outbox::with_socket(64 * 1024, Some(socket));
+        q.set_direct(true);
+        let text = "z".repeat(1000);
+        let mut written = 0usize;
+        while q.push(frame(&text)) == Push::Written {
+            written += 1;
+            assert!(written < 100_000, "a socket that never fills");
+        }
+        assert!(written > 0);
+        tokio::time::timeout(Duration::from_secs(1), q.ready())
+            .await
+            .unwrap();
+        // Now the client reads everything; the session writes what it owes and the queue.
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            let mut buf = vec![0; 1 << 16];
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return all,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        q.set_direct(false);
+        let mut batch = VecDeque::new();
+        q.take(&mut batch);
+        let queued = batch.len();
+        for f in &batch {
+            q.owe(f.wire().clone());
+        }
+        q.flush_wire().await.unwrap();
+        // Every frame pushed arrives once, whole: the written ones, then the one that found
+        // the socket full (queued, or partly written and owed).
+        assert!(queued <= 1);
+        let total = written + 1;
+        drop(q);
+        let all = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        let one = frame(&text);
+        assert_eq!(all.len(), total * one.len());
+        assert!(all.chunks(one.len()).all(|c| c == &one.wire()[..]));
+
+        // Overflow still bounds a session whose socket is full.
+        let (socket, _client) = pair().await;
+        let q = Outbox::with_socket(16 * 1024, Some(socket));
+        q.set_direct(true);
+        let mut result = Push::Written;
+        for _ in 0..100_000 {
+            result = q.push(frame(&text));
+            if matches!(result, Push::Overflowed { .. }) {
+                break;
+            }
+        }
+        assert!(matches!(result, Push::Overflowed { .. }));
+        assert!(q.overflowed());
     }
 }

@@ -326,7 +326,7 @@ impl Relay {
                 continue;
             }
             for frame in batch.drain(..) {
-                self.on_forwarded(frame.text.as_str());
+                self.on_forwarded(frame.text());
             }
         }
     }

@@ -5,13 +5,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::ws::{rejection::WebSocketUpgradeRejection, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
@@ -22,7 +22,7 @@ use crate::node::Node;
 use crate::outbox::signal;
 use crate::protocol::close;
 use crate::request::{self, error, query_problem, ConnectQuery};
-use crate::session::ws::Ws;
+use crate::upgrade::{self, Upgrade};
 use crate::{accept, origin, session, sse, ticker};
 
 /// Size of tungstenite's read buffer per connection, allocated and zero-filled up front.
@@ -30,10 +30,9 @@ use crate::{accept, origin, session, sse, ticker};
 /// extra read for the rare large publish; the default (128 KiB) would cost that much RSS per
 /// idle connection.
 const READ_BUFFER: usize = 256;
-/// tungstenite writes once its buffer holds this much; the session's `flush` writes the rest.
-/// ~37 frames of 110 bytes per `write()` is past the point of diminishing returns, and the
-/// buffer keeps its capacity for the connection's life, so it is kept small.
-const WRITE_BUFFER: usize = 4 * 1024;
+/// tungstenite writes only control frames (pings, close frames, replies to the client's),
+/// and hands them on at once: the session's outbox is the socket's only writer and batches.
+const WRITE_BUFFER: usize = 0;
 
 /// Why the node could not run.
 #[derive(Debug, thiserror::Error)]
@@ -300,11 +299,11 @@ async fn ws_handler(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     query: Result<Query<ConnectQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Upgrade, upgrade::Rejection>,
 ) -> Response {
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
-        Err(e) => return error(e.status(), "not_websocket", e.body_text()),
+        Err(e) => return e.into_response(),
     };
     if node.is_draining() {
         return error(
@@ -313,23 +312,24 @@ async fn ws_handler(
             "node is shutting down",
         );
     }
-    let upgrade = upgrade
+    let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(node.config.limits.max_message_bytes)
-        .max_frame_size(node.config.limits.max_message_bytes);
+        .max_message_size(Some(node.config.limits.max_message_bytes))
+        .max_frame_size(Some(node.config.limits.max_message_bytes));
+    let limit = node.config.limits.send_queue_bytes;
     // Refusals of a WebSocket client are close codes after the upgrade, not HTTP statuses:
     // a browser's WebSocket API shows neither the status nor the body of a refused upgrade.
     if let Err(message) = origin::check(&node.config.origins, &headers) {
         let refusal = (close::FORBIDDEN_ORIGIN, reason::ORIGIN_FORBIDDEN, message);
-        return upgrade.on_upgrade(move |socket| session::refuse(Ws(socket), node, refusal));
+        return upgrade.on_upgrade(config, limit, move |ws| session::refuse(ws, node, refusal));
     }
     let query = match query {
         Ok(Query(query)) => query,
         Err(e) => {
             let message = format!("bad query string: {}", query_problem(&e));
             let refusal = (close::BAD_REQUEST, reason::BAD_REQUEST, message);
-            return upgrade.on_upgrade(move |socket| session::refuse(Ws(socket), node, refusal));
+            return upgrade.on_upgrade(config, limit, move |ws| session::refuse(ws, node, refusal));
         }
     };
     let channels = query.channel_list();
@@ -337,7 +337,7 @@ async fn ws_handler(
     let (client_id, grant) = match request::identify(&node, query, &headers) {
         Ok(identity) => identity,
         Err(refusal) => {
-            return upgrade.on_upgrade(move |socket| session::refuse(Ws(socket), node, refusal));
+            return upgrade.on_upgrade(config, limit, move |ws| session::refuse(ws, node, refusal));
         }
     };
     let params = session::Params {
@@ -351,5 +351,7 @@ async fn ws_handler(
         grant,
     };
     let tracker = node.tracker().clone();
-    upgrade.on_upgrade(move |socket| tracker.track_future(session::run(Ws(socket), node, params)))
+    upgrade.on_upgrade(config, limit, move |ws| {
+        tracker.track_future(session::run(ws, node, params))
+    })
 }

@@ -20,9 +20,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use serde_json::value::RawValue;
 use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::{self, Grant, Permissions};
 use crate::bus::{BusError, History, Live};
@@ -232,7 +232,7 @@ async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Params) {
         id: node.next_session_id(),
         uuid: params.uuid,
         personal: protocol::personal_channel(&params.client_id),
-        outbox: Arc::new(Outbox::new(limits.send_queue_bytes)),
+        outbox: t.outbox().clone(),
         channels: Vec::new(),
         bucket: Bucket::new(limits.publish_rate, limits.publish_burst),
         last_seen: Instant::now(),
@@ -478,7 +478,7 @@ impl Session {
             .collect();
         if !joining.is_empty() {
             batch.retain(|frame| {
-                protocol::frame_channel(frame.text.as_str()).is_none_or(|c| !joining.contains(&c))
+                protocol::frame_channel(frame.text()).is_none_or(|c| !joining.contains(&c))
             });
         }
         Ok(())
@@ -534,7 +534,7 @@ impl Session {
         let write = async {
             for (offset, payload) in &entries {
                 let frame = protocol::message_frame(channel, payload, Some(offset));
-                t.feed(frame.into()).await?;
+                t.feed(Frame::new(frame, Instant::now())).await?;
             }
             t.flush().await
         };
@@ -550,7 +550,7 @@ impl Session {
             return;
         };
         batch.retain(|frame| {
-            let Some((channel, offset)) = protocol::message_identity(frame.text.as_str()) else {
+            let Some((channel, offset)) = protocol::message_identity(frame.text()) else {
                 return true;
             };
             let Some(i) = watermarks.iter().position(|w| &*w.channel == channel) else {
@@ -577,15 +577,22 @@ impl Session {
         let mut batch: VecDeque<Frame> = VecDeque::new();
         loop {
             let welcomed = !self.awaiting_welcome();
+            // The steady state (nothing to hold back, filter or order): the hub writes to the
+            // socket itself while the session waits. Whatever wakes the session turns that
+            // off first, so the session's own frames and the queue keep their order.
+            let steady = welcomed && self.pending.is_none() && self.recovered.is_none();
+            self.outbox.set_direct(steady);
             tokio::select! {
                 // First: a channel that became live is answered before its queued messages.
                 biased;
                 live = next_live(&mut self.pending) => {
+                    self.outbox.set_direct(false);
                     if let Err(end) = Box::pin(self.on_live(t, live, &mut batch)).await {
                         return end;
                     }
                 }
                 _ = self.outbox.ready() => {
+                    self.outbox.set_direct(false);
                     let signals = self.outbox.take_signals();
                     if signals != 0 {
                         if let Err(end) = Box::pin(self.on_signals(t, signals)).await {
@@ -609,6 +616,7 @@ impl Session {
                     }
                 }
                 msg = t.recv(), if welcomed => {
+                    self.outbox.set_direct(false);
                     let text = match self.on_message(msg) {
                         Ok(Some(text)) => text,
                         Ok(None) => continue,
@@ -676,7 +684,7 @@ impl Session {
         self.drop_replayed(batch);
         let write = async {
             for frame in batch.iter() {
-                t.feed(frame.text.clone()).await?;
+                t.feed(frame.clone()).await?;
             }
             t.flush().await
         };
@@ -720,7 +728,7 @@ impl Session {
     }
 
     async fn send<T: Transport>(&mut self, t: &mut T, text: String) -> Result<(), End> {
-        self.guarded(t.send(text.into())).await
+        self.guarded(t.send(Frame::new(text, Instant::now()))).await
     }
 
     fn client_id(&self) -> &str {

@@ -86,8 +86,12 @@ pub async fn open(
         )
         .await;
     let max_positions = node.config.limits.max_subscriptions + 1;
-    let (transport, body) =
-        session::sse::stream(Some(registration), since.as_deref(), max_positions);
+    let (transport, body) = session::sse::stream(
+        Some(registration),
+        since.as_deref(),
+        max_positions,
+        node.config.limits.send_queue_bytes,
+    );
     let params = session::Params {
         uuid,
         client_id,
@@ -104,7 +108,7 @@ pub async fn open(
 
 /// A stream whose only event is the refusal's close code.
 fn refused(node: Arc<Node>, headers: &HeaderMap, refusal: Refusal) -> Response {
-    let (transport, body): (Sse, Body) = session::sse::stream(None, None, 0);
+    let (transport, body): (Sse, Body) = session::sse::stream(None, None, 0, 0);
     let response = stream_response(&node, headers, body);
     tokio::spawn(session::refuse(transport, node, refusal));
     response

@@ -16,14 +16,16 @@
 //! exactly where a WebSocket's would block.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::ws::Utf8Bytes;
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::transport::{End, Inbound, Transport};
 use crate::metrics::reason;
+use crate::outbox::{Frame, Outbox};
 use crate::protocol;
 use crate::relay::Registration;
 
@@ -33,6 +35,8 @@ const CHUNK: usize = 64 * 1024;
 
 /// One SSE session's stream.
 pub struct Sse {
+    /// The session's queue (the session writes its frames as events).
+    outbox: Arc<Outbox>,
     /// Chunks of the response body; closed when the client went away.
     out: mpsc::Sender<Bytes>,
     /// Client frames POSTed for this session; None for a refused stream.
@@ -106,12 +110,14 @@ pub fn stream(
     inbox: Option<(Registration, mpsc::Receiver<String>)>,
     since: Option<&str>,
     max_positions: usize,
+    queue_limit: usize,
 ) -> (Sse, Body) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(1);
     let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
         rx.poll_recv(cx).map(|chunk| chunk.map(Ok::<_, Infallible>))
     }));
     let mut sse = Sse {
+        outbox: Arc::new(Outbox::new(queue_limit)),
         out: tx,
         inbox,
         buf: BytesMut::new(),
@@ -168,8 +174,12 @@ impl Transport for Sse {
     const KIND: &'static str = crate::metrics::transport::SSE;
     const PING_PROVES_LIFE: bool = true;
 
-    async fn feed(&mut self, frame: Utf8Bytes) -> Result<(), End> {
-        let text = frame.as_str();
+    fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    async fn feed(&mut self, frame: Frame) -> Result<(), End> {
+        let text = frame.text();
         if let Some((channel, offset)) = protocol::message_identity(text) {
             self.positions.get_or_insert_with(Default::default).set(
                 channel,
@@ -266,12 +276,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_one_chunk_and_close_ends_the_body() {
-        let (mut sse, body) = stream(None, Some("alerts@e:1-0"), 10);
+        let (mut sse, body) = stream(None, Some("alerts@e:1-0"), 10, 1 << 20);
         let frame = protocol::message_frame("alerts", b"{\"a\":1}", Some("e:2-0"));
         let reader =
             tokio::spawn(async move { axum::body::to_bytes(body, usize::MAX).await.unwrap() });
-        sse.feed(Utf8Bytes::from(frame.clone())).await.unwrap();
-        sse.feed(Utf8Bytes::from("{\"type\":\"pong\"}".to_owned()))
+        let now = std::time::Instant::now();
+        sse.feed(Frame::new(frame.clone(), now)).await.unwrap();
+        sse.feed(Frame::new("{\"type\":\"pong\"}".to_owned(), now))
             .await
             .unwrap();
         sse.flush().await.unwrap();

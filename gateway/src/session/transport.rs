@@ -4,8 +4,11 @@
 //! limits) is the same for every transport; a transport only moves frames.
 
 use std::future::Future;
+use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::outbox::{Frame, Outbox};
 
 /// How a session ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,14 +43,21 @@ pub trait Transport: Send {
     /// stopped reading reaches the heartbeat timeout.
     const PING_PROVES_LIFE: bool;
 
+    /// The session's outbox: the hub fills it, and a transport that owns a socket writes
+    /// through it (a WebSocket's pre-framed bytes, straight from the fan-out when nothing is
+    /// queued).
+    fn outbox(&self) -> &Arc<Outbox>;
+
     /// Buffer one frame for the next `flush` (it may be written before, when buffers fill).
-    fn feed(&mut self, frame: Utf8Bytes) -> impl Future<Output = Result<(), End>> + Send;
+    /// Each transport writes the frame its own way: the WebSocket its pre-built wire bytes,
+    /// SSE an event around its text.
+    fn feed(&mut self, frame: Frame) -> impl Future<Output = Result<(), End>> + Send;
 
     /// Write everything fed so far.
     fn flush(&mut self) -> impl Future<Output = Result<(), End>> + Send;
 
     /// Feed and flush one frame.
-    fn send(&mut self, frame: Utf8Bytes) -> impl Future<Output = Result<(), End>> + Send {
+    fn send(&mut self, frame: Frame) -> impl Future<Output = Result<(), End>> + Send {
         async move {
             self.feed(frame).await?;
             self.flush().await

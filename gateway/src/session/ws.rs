@@ -1,45 +1,139 @@
-//! The WebSocket transport: a session's frames as WebSocket text messages, the heartbeat as
+//! The WebSocket transport: a session's frames as WebSocket text frames, the heartbeat as
 //! WebSocket pings, the end as a close frame with the code (docs/REFERENCE.md §2).
+//!
+//! The session owns its raw `TcpStream` (the upgrade is done on hyper directly,
+//! `crate::upgrade`), shared by two sides:
+//! - writes go through the session's [`Outbox`], the socket's only writer: text frames are
+//!   the pre-built wire bytes of [`Frame`] (framed once per message, never by tungstenite),
+//!   and tungstenite's own writes (pings, close frames, replies to the client's pings and
+//!   close) are owed to the outbox in order with them ([`WsIo`]'s `AsyncWrite`);
+//! - reads go through tokio-tungstenite, which parses and validates the client's frames.
+//!
 //! tungstenite's read and write errors map to the close codes of the protocol.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
 
 use super::transport::{End, Inbound, Transport};
 use crate::metrics::reason;
+use crate::outbox::{Frame, Outbox};
 use crate::protocol::close;
 
+/// The socket as tungstenite sees it: reads from the `TcpStream`, writes owed to the outbox.
+pub struct WsIo {
+    socket: Arc<TcpStream>,
+    outbox: Arc<Outbox>,
+}
+
+impl AsyncRead for WsIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.socket.poll_read_ready(cx))?;
+            match self.socket.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for WsIo {
+    /// Accepts everything at once (tungstenite's writes are control frames, a few bytes), in
+    /// order after what the session owes already; written at once when the socket takes it.
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.outbox.owe(Bytes::copy_from_slice(buf));
+        self.outbox.write_wire()?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.outbox.poll_flush_wire(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The socket closes when the session drops it; here only what is owed goes out.
+        self.outbox.poll_flush_wire(cx)
+    }
+}
+
 /// An upgraded WebSocket carrying one session.
-pub struct Ws(pub WebSocket);
+pub struct Ws {
+    ws: WebSocketStream<WsIo>,
+    outbox: Arc<Outbox>,
+}
+
+impl Ws {
+    /// The transport of a session on `socket`, whose upgrade request left `read` unparsed
+    /// (bytes the client sent right behind it), with tungstenite's `config` for reading and
+    /// an outbox bounded to `queue_limit` bytes.
+    pub async fn new(
+        socket: TcpStream,
+        read: Vec<u8>,
+        config: WebSocketConfig,
+        queue_limit: usize,
+    ) -> Ws {
+        let socket = Arc::new(socket);
+        let outbox = Arc::new(Outbox::with_socket(queue_limit, Some(socket.clone())));
+        let io = WsIo {
+            socket,
+            outbox: outbox.clone(),
+        };
+        let ws = WebSocketStream::from_partially_read(io, read, Role::Server, Some(config)).await;
+        Ws { ws, outbox }
+    }
+
+    async fn flush_wire(&mut self) -> Result<(), End> {
+        self.outbox
+            .flush_wire()
+            .await
+            .map_err(|_| End::Gone(reason::IO_ERROR))
+    }
+}
 
 impl Transport for Ws {
     const KIND: &'static str = crate::metrics::transport::WS;
     const PING_PROVES_LIFE: bool = false;
 
-    async fn feed(&mut self, frame: Utf8Bytes) -> Result<(), End> {
-        self.0
-            .feed(Message::Text(frame))
-            .await
-            .map_err(classify_error)
+    fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    async fn feed(&mut self, frame: Frame) -> Result<(), End> {
+        self.outbox.owe(frame.wire().clone());
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), End> {
-        self.0.flush().await.map_err(classify_error)
-    }
-
-    async fn send(&mut self, frame: Utf8Bytes) -> Result<(), End> {
-        self.0
-            .send(Message::Text(frame))
-            .await
-            .map_err(classify_error)
+        self.flush_wire().await
     }
 
     async fn recv(&mut self) -> Inbound {
-        match self.0.recv().await {
+        match self.ws.next().await {
             None => Inbound::Lost(End::Gone(reason::CLIENT_CLOSE)),
             Some(Err(e)) => Inbound::Lost(classify_error(e)),
             Some(Ok(Message::Text(text))) => Inbound::Text(text),
@@ -48,56 +142,55 @@ impl Transport for Ws {
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => Inbound::Seen,
             Some(Ok(Message::Close(_))) => Inbound::Refused(End::Gone(reason::CLIENT_CLOSE)),
+            // Raw frames are never returned when reading.
+            Some(Ok(Message::Frame(_))) => Inbound::Seen,
         }
     }
 
     async fn ping(&mut self) -> Result<(), End> {
-        self.0
+        self.ws
             .send(Message::Ping(Default::default()))
             .await
             .map_err(classify_error)
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
-        close_socket(&mut self.0, code, reason).await
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        if self.ws.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        // Then read until the client answers or goes away.
+        while let Some(Ok(msg)) = self.ws.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
     }
 
     async fn gone(&mut self) {
         // Flush a close reply tungstenite may have queued for the client's close frame.
-        let _ = timeout(Duration::from_secs(1), self.0.flush()).await;
-    }
-}
-
-/// Send a close frame, then read until the client answers or goes away.
-async fn close_socket(ws: &mut WebSocket, code: u16, reason: &str) {
-    let frame = CloseFrame {
-        code,
-        reason: reason.into(),
-    };
-    if ws.send(Message::Close(Some(frame))).await.is_err() {
-        return;
-    }
-    while let Some(Ok(msg)) = ws.recv().await {
-        if matches!(msg, Message::Close(_)) {
-            break;
-        }
+        let _ = timeout(Duration::from_secs(1), async {
+            let _ = self.ws.flush().await;
+            let _ = self.flush_wire().await;
+        })
+        .await;
     }
 }
 
 /// Map a WebSocket read/write error to how the session ends.
-fn classify_error(e: axum::Error) -> End {
-    let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => {
+fn classify_error(e: tungstenite::Error) -> End {
+    match e {
+        tungstenite::Error::Capacity(_) => {
             End::Close(close::MESSAGE_TOO_BIG, reason::MESSAGE_TOO_BIG)
         }
-        Some(tungstenite::Error::Utf8(_)) => {
-            End::Close(close::INVALID_PAYLOAD, reason::INVALID_UTF8)
-        }
-        Some(tungstenite::Error::Protocol(_)) => {
+        tungstenite::Error::Utf8(_) => End::Close(close::INVALID_PAYLOAD, reason::INVALID_UTF8),
+        tungstenite::Error::Protocol(_) => {
             End::Close(close::PROTOCOL_ERROR, reason::PROTOCOL_ERROR)
         }
-        Some(tungstenite::Error::ConnectionClosed) | Some(tungstenite::Error::AlreadyClosed) => {
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
             End::Gone(reason::CLIENT_CLOSE)
         }
         _ => End::Gone(reason::IO_ERROR),

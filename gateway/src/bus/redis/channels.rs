@@ -704,7 +704,7 @@ mod tests {
     fn texts(outbox: &Outbox) -> Vec<String> {
         let mut batch = VecDeque::new();
         outbox.take(&mut batch);
-        batch.iter().map(|f| f.text.to_string()).collect()
+        batch.iter().map(|f| f.text().to_owned()).collect()
     }
 
     fn offset(ms: u64) -> String {

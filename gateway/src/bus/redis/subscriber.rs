@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::{self, aio::PubSubSink, aio::PubSubStream};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, MissedTickBehavior};
@@ -275,15 +275,36 @@ async fn read_messages(
     metrics: Metrics,
     prefix: String,
 ) {
-    while let Some(msg) = stream.next().await {
+    let on_message = |msg: redis::Msg| {
         let Some(channel) = msg.get_channel_name().strip_prefix(prefix.as_str()) else {
-            continue;
+            return;
         };
         metrics.messages_received.inc();
         let (offset, payload) = super::envelope::envelope(msg.get_payload_bytes());
         channels.on_message(conn, channel, offset, payload);
+    };
+    while let Some(msg) = stream.next().await {
+        // Everything Redis already delivered is fanned out under one cork: each socket gets
+        // those messages in one write. Bounded, so one batch never holds a socket long.
+        let ended = crate::hub::corked(|| {
+            on_message(msg);
+            for _ in 1..CORK_MESSAGES {
+                match stream.next().now_or_never() {
+                    Some(Some(msg)) => on_message(msg),
+                    Some(None) => return true,
+                    None => break,
+                }
+            }
+            false
+        });
+        if ended {
+            return;
+        }
     }
 }
+
+/// At most this many messages are fanned out under one cork.
+const CORK_MESSAGES: usize = 64;
 
 // === impl HistoryWorker ===
 
