@@ -340,7 +340,7 @@ async fn ws_handler(
             return upgrade.on_upgrade(config, limit, move |ws| session::refuse(ws, node, refusal));
         }
     };
-    let params = session::Params {
+    let params = Box::new(session::Params {
         uuid: uuid::Uuid::new_v4(),
         client_id,
         channels,
@@ -349,7 +349,7 @@ async fn ws_handler(
             .filter(|s| !s.trim().is_empty())
             .map(String::into_boxed_str),
         grant,
-    };
+    });
     let tracker = node.tracker().clone();
     upgrade.on_upgrade(config, limit, move |ws| {
         tracker.track_future(session::run(ws, node, params))

@@ -167,7 +167,10 @@ struct Watermark {
 
 /// Run a session to its end on transport `t`. Called by the upgrade handler (WebSocket) or
 /// the `/sse` handler; returns when the connection is done.
-pub async fn run<T: Transport>(t: T, node: Arc<Node>, params: Params) {
+///
+/// `params` is boxed: each async function keeps its arguments in its future for the whole
+/// connection, and idle memory per session is a budget.
+pub async fn run<T: Transport>(t: T, node: Arc<Node>, params: Box<Params>) {
     // Debug level: an enabled span costs a few hundred bytes per session, so it exists only
     // when someone asks for session logs (RUST_LOG=gateway=debug).
     let span = tracing::debug_span!("session", client_id = %params.client_id, peer = %params.peer, transport = T::KIND);
@@ -175,7 +178,12 @@ pub async fn run<T: Transport>(t: T, node: Arc<Node>, params: Params) {
         // Skip the span's enter/exit on every poll when nobody listens.
         run_session(t, node, params).await
     } else {
-        tracing::Instrument::instrument(run_session(t, node, params), span).await
+        // Boxed: otherwise every session's future would hold room for both branches.
+        Box::pin(tracing::Instrument::instrument(
+            run_session(t, node, params),
+            span,
+        ))
+        .await
     }
 }
 
@@ -205,20 +213,29 @@ fn close_reason(message: &str) -> &str {
     &message[..end]
 }
 
-async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Params) {
-    let metrics = node.metrics.clone();
+/// `params` is boxed: an async function keeps its arguments in its future for its whole
+/// life, and this one lives as long as the connection.
+async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Box<Params>) {
     let _slot = match node.connection_slot(params.peer.ip(), T::KIND) {
         Ok(slot) => slot,
         Err((code, why)) => {
-            Box::pin(finish(t, End::Close(code, why), metrics)).await;
+            Box::pin(finish(t, End::Close(code, why), node.metrics.clone())).await;
             return;
         }
     };
-    metrics
+    node.metrics
         .connections_total
         .with_label_values(&[T::KIND])
         .inc();
-    let (exp, permissions) = match params.grant {
+    let Params {
+        uuid,
+        client_id,
+        channels,
+        since,
+        grant,
+        ..
+    } = *params;
+    let (exp, permissions) = match grant {
         Some(grant) => {
             let Grant {
                 exp, permissions, ..
@@ -230,8 +247,8 @@ async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Params) {
     let limits = &node.config.limits;
     let mut session = Session {
         id: node.next_session_id(),
-        uuid: params.uuid,
-        personal: protocol::personal_channel(&params.client_id),
+        uuid,
+        personal: protocol::personal_channel(&client_id),
         outbox: t.outbox().clone(),
         channels: Vec::new(),
         bucket: Bucket::new(limits.publish_rate, limits.publish_burst),
@@ -244,12 +261,14 @@ async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Params) {
     };
     tracing::debug!(session = %session.uuid, "session open");
     session.node.register(session.id, &session.outbox);
-    let end = match Box::pin(session.open(&mut t, params.channels, params.since)).await {
+    drop(client_id);
+    let end = match Box::pin(session.open(&mut t, channels, since)).await {
         Ok(()) => session.serve(&mut t).await,
         Err(end) => end,
     };
     // Leave the hub first: nothing more is queued for a session that is closing.
     session.cleanup();
+    let metrics = session.node.metrics.clone();
     Box::pin(finish(t, end, metrics)).await;
 }
 
@@ -611,7 +630,10 @@ impl Session {
                             return end;
                         }
                     }
-                    if let Err(end) = self.write_batch(t, &mut batch).await {
+                    // Boxed: a backlog is the slow path (a waiting session's frames are
+                    // written by the fan-out itself), and the write's future would otherwise
+                    // be part of every idle session's memory.
+                    if let Err(end) = Box::pin(self.write_batch(t, &mut batch)).await {
                         return end;
                     }
                 }

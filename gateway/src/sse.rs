@@ -92,14 +92,14 @@ pub async fn open(
         max_positions,
         node.config.limits.send_queue_bytes,
     );
-    let params = session::Params {
+    let params = Box::new(session::Params {
         uuid,
         client_id,
         channels,
         peer,
         since: since.map(String::into_boxed_str),
         grant,
-    };
+    });
     let tracker = node.tracker().clone();
     let response = stream_response(&node, &headers, body);
     tokio::spawn(tracker.track_future(session::run(transport, node, params)));

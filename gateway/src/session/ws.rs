@@ -83,7 +83,10 @@ impl AsyncWrite for WsIo {
 
 /// An upgraded WebSocket carrying one session.
 pub struct Ws {
-    ws: WebSocketStream<WsIo>,
+    /// Boxed: the transport is moved through several layers of async functions, and each
+    /// keeps its own copy of its arguments in its future (about 300 bytes of tungstenite
+    /// state, per layer, per idle session, if it were inline).
+    ws: Box<WebSocketStream<WsIo>>,
     outbox: Arc<Outbox>,
 }
 
@@ -104,7 +107,10 @@ impl Ws {
             outbox: outbox.clone(),
         };
         let ws = WebSocketStream::from_partially_read(io, read, Role::Server, Some(config)).await;
-        Ws { ws, outbox }
+        Ws {
+            ws: Box::new(ws),
+            outbox,
+        }
     }
 
     async fn flush_wire(&mut self) -> Result<(), End> {
