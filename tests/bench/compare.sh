@@ -13,6 +13,7 @@
 #   BUN_CACHE=<dir>             where Bun 1.4.4 is installed with npm when BUN is not given
 #                               (default ${XDG_CACHE_HOME:-~/.cache}/pushgate-bench/bun-1.4.4;
 #                               never inside the repository, never from CI)
+#   KEEP=<dir>                  also keep each run's loadgen JSON there (SCENARIO.ROUND.TARGET.json)
 #   WRITE_FLOOR_C=<file.c>      the one-write floor program (CONNECTIONS MESSAGES
 #                               FRAMES_PER_WRITE); when given and cc exists, it is built in a
 #                               temporary directory and `2000 400000 1` runs after the scenarios
@@ -67,11 +68,13 @@ if [ -f "$WRITE_FLOOR_C" ] && command -v cc >/dev/null; then
   floor=$("$out/write_floor" 2000 400000 1)
 fi
 
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$out"/*.json "$KEEP"/; fi
+
 python3 - "$out" "$rounds" "${scenarios[@]}" <<'EOF'
 import json, sys
 out, rounds, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-print("| scenario | round | target | CPU-s (2 nodes) | CPU µs per delivery | p99 ms | lost | RSS per idle conn |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| scenario | round | target | CPU-s (2 nodes) | CPU µs per delivery | p50 ms | p99 ms | lost | RSS per idle conn |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for s in scenarios:
     for r in range(1, rounds + 1):
         for t in ("gateway", "bun"):
@@ -79,12 +82,12 @@ for s in scenarios:
             g, d = j["gateways"], j["deliveries"]
             name = "Bun 1.4.4" if t == "bun" else "gateway"
             if s == "idle":
-                print(f"| {s} | {r} | {name} | | | | | {g['rss_per_connection_bytes'] / 1024:.1f} KiB "
+                print(f"| {s} | {r} | {name} | | | | | | {g['rss_per_connection_bytes'] / 1024:.1f} KiB "
                       f"({j['connections']['made']} made) |")
                 continue
             cpu = g["cpu_secs_total"]
             per = cpu * 1e6 / d["received"] if d["received"] else float("nan")
-            print(f"| {s} | {r} | {name} | {cpu:.2f} | {per:.2f} | {j['latency_ms']['p99']:.1f} | "
+            print(f"| {s} | {r} | {name} | {cpu:.2f} | {per:.2f} | {j['latency_ms']['p50']:.1f} | {j['latency_ms']['p99']:.1f} | "
                   f"{d['lost']} of {d['expected']} | |")
 EOF
 [ -z "$floor" ] || echo "write floor (2000 sockets, 400000 writes, 1 frame per write): $floor"
