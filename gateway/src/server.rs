@@ -25,11 +25,12 @@ use crate::request::{self, error, query_problem, ConnectQuery};
 use crate::upgrade::{self, Upgrade};
 use crate::{accept, origin, session, sse, ticker};
 
-/// Size of tungstenite's read buffer per connection, allocated and zero-filled up front.
-/// Client frames are small (a subscribe is ~60 bytes), so a small buffer costs nothing but an
-/// extra read for the rare large publish; the default (128 KiB) would cost that much RSS per
-/// idle connection.
-const READ_BUFFER: usize = 256;
+/// Size of tungstenite's read buffer per connection, allocated up front and kept for the
+/// connection's life. Client frames are rare and small (a subscribe is ~60 bytes): a frame
+/// larger than this is read in two reads (tungstenite grows the buffer to the frame's size
+/// once it has read the header), and the default (128 KiB) would cost that much RSS per idle
+/// connection.
+const READ_BUFFER: usize = 64;
 /// tungstenite writes only control frames (pings, close frames, replies to the client's),
 /// and hands them on at once: the session's outbox is the socket's only writer and batches.
 const WRITE_BUFFER: usize = 0;

@@ -136,7 +136,9 @@ impl Upgrade {
             let read = read_buf.to_vec();
             drop(read_buf);
             let ws = Ws::new(io.into_inner(), read, config, queue_limit).await;
-            callback(ws).await;
+            // The session is a task of its own: this one's state (the upgrade, the
+            // configuration, the callback) would otherwise stay in every session's memory.
+            tokio::spawn(callback(ws));
         });
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
