@@ -94,15 +94,15 @@ impl Bucket {
 struct Session {
     node: Arc<Node>,
     id: SessionId,
-    uuid: uuid::Uuid,
     /// `user:<client_id>`; the client id is its suffix.
-    personal: String,
+    personal: Box<str>,
     outbox: Arc<Outbox>,
     /// Channels this session is subscribed to in the hub, the personal one included.
     /// A Vec, not a set: at most `max_subscriptions` + 1 entries, and an idle session's
     /// memory matters more than a linear scan on subscribe.
     channels: Vec<Box<str>>,
-    bucket: Bucket,
+    /// Created at the first publish (or refused frame): most sessions never publish.
+    bucket: Option<Box<Bucket>>,
     last_seen: Instant,
     /// The token's `exp` (seconds since the Unix epoch); 0 = auth off, no expiry.
     exp: u64,
@@ -129,6 +129,8 @@ struct Pending {
 
 /// The welcome frame and what follows it, held until the connect-time channels are live.
 struct Welcome {
+    /// The session's id, told to the client here only (a session keeps no copy).
+    uuid: uuid::Uuid,
     joined: Vec<String>,
     refused: Vec<(String, (&'static str, String))>,
     since: Option<Box<str>>,
@@ -175,7 +177,9 @@ pub async fn run<T: Transport>(t: T, node: Arc<Node>, params: Box<Params>) {
     // when someone asks for session logs (RUST_LOG=gateway=debug).
     let span = tracing::debug_span!("session", client_id = %params.client_id, peer = %params.peer, transport = T::KIND);
     if span.is_disabled() {
-        // Skip the span's enter/exit on every poll when nobody listens.
+        // Skip the span's enter/exit on every poll when nobody listens, and keep no span in
+        // every session's future.
+        drop(span);
         run_session(t, node, params).await
     } else {
         // Boxed: otherwise every session's future would hold room for both branches.
@@ -216,8 +220,9 @@ fn close_reason(message: &str) -> &str {
 /// `params` is boxed: an async function keeps its arguments in its future for its whole
 /// life, and this one lives as long as the connection.
 async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Box<Params>) {
+    // Boxed: it lives as long as the session, whose future is kept small.
     let _slot = match node.connection_slot(params.peer.ip(), T::KIND) {
-        Ok(slot) => slot,
+        Ok(slot) => Box::new(slot),
         Err((code, why)) => {
             Box::pin(finish(t, End::Close(code, why), node.metrics.clone())).await;
             return;
@@ -244,14 +249,12 @@ async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Box<Params
         }
         None => (0, None),
     };
-    let limits = &node.config.limits;
     let mut session = Session {
         id: node.next_session_id(),
-        uuid,
-        personal: protocol::personal_channel(&client_id),
+        personal: protocol::personal_channel(&client_id).into_boxed_str(),
         outbox: t.outbox().clone(),
         channels: Vec::new(),
-        bucket: Bucket::new(limits.publish_rate, limits.publish_burst),
+        bucket: None,
         last_seen: Instant::now(),
         exp,
         permissions,
@@ -259,10 +262,10 @@ async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Box<Params
         pending: None,
         node,
     };
-    tracing::debug!(session = %session.uuid, "session open");
+    tracing::debug!(session = %uuid, "session open");
     session.node.register(session.id, &session.outbox);
     drop(client_id);
-    let end = match Box::pin(session.open(&mut t, channels, since)).await {
+    let end = match Box::pin(session.open(&mut t, uuid, channels, since)).await {
         Ok(()) => session.serve(&mut t).await,
         Err(end) => end,
     };
@@ -317,12 +320,13 @@ impl Session {
     async fn open<T: Transport>(
         &mut self,
         t: &mut T,
+        uuid: uuid::Uuid,
         requested: Vec<String>,
         since: Option<Box<str>>,
     ) -> Result<(), End> {
         // Subscriptions at connect: the personal channel, then what the query named.
         let mut refused = Vec::new();
-        let personal = self.personal.clone();
+        let personal = self.personal.to_string();
         if let Err(e) = self.add_channel(&personal) {
             refused.push((personal.clone(), e));
         }
@@ -347,6 +351,7 @@ impl Session {
             }
         }
         let welcome = Welcome {
+            uuid,
             joined,
             refused,
             since,
@@ -378,12 +383,13 @@ impl Session {
     /// with `since`.
     async fn welcome<T: Transport>(&mut self, t: &mut T, welcome: Welcome) -> Result<(), End> {
         let Welcome {
+            uuid,
             joined,
             refused,
             since,
         } = welcome;
         let frame = protocol::welcome_frame(
-            &self.uuid.to_string(),
+            &uuid.to_string(),
             self.client_id(),
             &self.node.node_name,
             &joined,
@@ -419,7 +425,6 @@ impl Session {
         &mut self,
         t: &mut T,
         (index, at): (usize, Option<Offset>),
-        batch: &mut VecDeque<Frame>,
     ) -> Result<(), End> {
         let Some(pending) = self.pending.as_deref_mut() else {
             return Ok(());
@@ -462,10 +467,11 @@ impl Session {
                 self.last_seen = Instant::now();
                 self.welcome(t, welcome).await?;
                 // Nothing queued was written while the welcome waited.
-                if !self.outbox.take(batch) {
+                let mut batch = VecDeque::new();
+                if !self.outbox.take(&mut batch) {
                     return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
                 }
-                self.write_batch(t, batch).await
+                self.write_batch(t, &mut batch).await
             }
         }
     }
@@ -484,7 +490,7 @@ impl Session {
         batch: &mut VecDeque<Frame>,
     ) -> Result<(), End> {
         while let Some(live) = ready_live(&mut self.pending) {
-            self.on_live(t, live, batch).await?;
+            self.on_live(t, live).await?;
         }
         let Some(pending) = self.pending.as_deref() else {
             return Ok(());
@@ -593,7 +599,6 @@ impl Session {
     /// the connection, so it stays small: everything rare (client frames, pings, the start
     /// and the close) runs in a boxed future that exists only while it runs.
     async fn serve<T: Transport>(&mut self, t: &mut T) -> End {
-        let mut batch: VecDeque<Frame> = VecDeque::new();
         loop {
             let welcomed = !self.awaiting_welcome();
             // The steady state (nothing to hold back, filter or order): the hub writes to the
@@ -606,7 +611,7 @@ impl Session {
                 biased;
                 live = next_live(&mut self.pending) => {
                     self.outbox.set_direct(false);
-                    if let Err(end) = Box::pin(self.on_live(t, live, &mut batch)).await {
+                    if let Err(end) = Box::pin(self.on_live(t, live)).await {
                         return end;
                     }
                 }
@@ -622,18 +627,10 @@ impl Session {
                         // Queued frames wait for the welcome (`on_live` writes them).
                         continue;
                     }
-                    if !self.outbox.take(&mut batch) {
-                        return End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER);
-                    }
-                    if self.pending.is_some() {
-                        if let Err(end) = Box::pin(self.before_joined(t, &mut batch)).await {
-                            return end;
-                        }
-                    }
                     // Boxed: a backlog is the slow path (a waiting session's frames are
                     // written by the fan-out itself), and the write's future would otherwise
                     // be part of every idle session's memory.
-                    if let Err(end) = Box::pin(self.write_batch(t, &mut batch)).await {
+                    if let Err(end) = Box::pin(self.write_queued(t)).await {
                         return end;
                     }
                 }
@@ -650,6 +647,19 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Write what the outbox queued (and what a direct write left owed), in order, after
+    /// answering subscribes that became live and dropping what a replay covered.
+    async fn write_queued<T: Transport>(&mut self, t: &mut T) -> Result<(), End> {
+        let mut batch = VecDeque::new();
+        if !self.outbox.take(&mut batch) {
+            return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
+        }
+        if self.pending.is_some() {
+            self.before_joined(t, &mut batch).await?;
+        }
+        self.write_batch(t, &mut batch).await
     }
 
     /// Act on the node's signals: drain (1001), or heartbeat (ping, or 4001 when the client
@@ -717,11 +727,6 @@ impl Session {
                 .metrics
                 .delivery_latency
                 .observe(now.saturating_duration_since(frame.born).as_secs_f64());
-        }
-        // Don't let one burst pin a large buffer to an otherwise idle session (the outbox
-        // gets this deque back at the next swap).
-        if batch.capacity() > 16 {
-            *batch = VecDeque::new();
         }
         Ok(())
     }
@@ -795,7 +800,7 @@ impl Session {
             }
             ClientFrame::Unsubscribe { channel, id } => {
                 frames.with_label_values(&[frame_type::UNSUBSCRIBE]).inc();
-                if channel != self.personal {
+                if *channel != *self.personal {
                     t.forget(&channel);
                 }
                 for reply in self.on_unsubscribe(&channel, id) {
@@ -825,10 +830,15 @@ impl Session {
     /// Spend a token for a publish or a refused frame; a client that keeps going with an
     /// empty bucket is closed with 4029.
     fn charge(&mut self) -> Result<bool, End> {
-        if self.bucket.take() {
+        let limits = &self.node.config.limits;
+        // A bucket made now is as full as one made at connect and never used.
+        let bucket = self.bucket.get_or_insert_with(|| {
+            Box::new(Bucket::new(limits.publish_rate, limits.publish_burst))
+        });
+        if bucket.take() {
             return Ok(true);
         }
-        if self.bucket.strikes > self.node.config.limits.publish_burst {
+        if bucket.strikes > limits.publish_burst {
             return Err(End::Close(close::RATE_LIMITED, reason::RATE_LIMITED));
         }
         Ok(false)
@@ -879,7 +889,7 @@ impl Session {
                 "invalid channel name: 1-128 chars of A-Z a-z 0-9 _ - . : @".to_owned(),
             ));
         }
-        if channel == self.personal {
+        if *channel == *self.personal {
             return Ok(());
         }
         if channel.starts_with(protocol::PERSONAL_PREFIX) {
@@ -906,7 +916,7 @@ impl Session {
         }
         let max = self.node.config.limits.max_subscriptions;
         // The personal channel does not count against the limit.
-        if channel != self.personal && self.channels.len() > max {
+        if *channel != *self.personal && self.channels.len() > max {
             return Err((
                 "too_many_subscriptions",
                 format!("at most {max} subscriptions per session"),
@@ -986,7 +996,7 @@ impl Session {
 
     /// Leave `channel`; the replies, in order.
     fn on_unsubscribe(&mut self, channel: &str, id: Option<&RawValue>) -> Vec<String> {
-        if channel == self.personal {
+        if *channel == *self.personal {
             return vec![protocol::error_frame(
                 "forbidden",
                 "the personal channel cannot be unsubscribed",
