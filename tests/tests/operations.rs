@@ -32,8 +32,9 @@ async fn metrics_parse_and_count_what_happened() {
         r#"gateway_client_frames_total{type="subscribe"}"#,
         r#"gateway_client_frames_total{type="publish"}"#,
         r#"gateway_client_frames_total{type="invalid"}"#,
-        r#"gateway_disconnects_total{reason="rate_limited"}"#,
-        r#"gateway_disconnects_total{reason="bad_request"}"#,
+        r#"gateway_disconnects_total{reason="rate_limited",transport="ws"}"#,
+        r#"gateway_disconnects_total{reason="bad_request",transport="sse"}"#,
+        r#"gateway_connections{transport="sse"}"#,
         r#"gateway_messages_dropped_total{reason="slow_consumer"}"#,
     ] {
         assert_eq!(before.series.get(series), Some(&0.0), "{series}");
