@@ -117,6 +117,15 @@ impl Hub {
         Self::read(self.shard(channel)).contains_key(channel)
     }
 
+    /// The local subscribers of `channel` (e.g. a personal channel: every session of one
+    /// client on this node).
+    pub fn subscribers(&self, channel: &str) -> Vec<(SessionId, Arc<Outbox>)> {
+        Self::read(self.shard(channel))
+            .get(channel)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Every channel with at least one local subscriber (for resubscription after a reconnect).
     pub fn channels(&self) -> Vec<String> {
         self.shards

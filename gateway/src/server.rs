@@ -22,7 +22,7 @@ use crate::metrics::{reason, Metrics};
 use crate::node::Node;
 use crate::outbox::signal;
 use crate::protocol::close;
-use crate::{accept, origin, protocol, session, ticker};
+use crate::{accept, control, origin, protocol, session, ticker};
 
 /// Size of tungstenite's read buffer per connection, allocated and zero-filled up front.
 /// Client frames are small (a subscribe is ~60 bytes), so a small buffer costs nothing but an
@@ -64,6 +64,9 @@ pub async fn run(
     let node = Arc::new(Node::new(
         config, node_name, hub, bus, metrics, verifier, index_page,
     ));
+    // Stopped with the bus, after the drain: it writes the drained sessions' leaves first.
+    let presence_writer = tokio::spawn(node.presence.clone().run(background.clone()));
+    control::start(&node, background.clone());
     tracing::info!(
         node = %node.node_name,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -115,6 +118,9 @@ pub async fn run(
         tracing::info!(closed = open, "drained");
     }
     background.cancel();
+    // Bounded (the writer gives its last write two seconds): the drained sessions' presence
+    // entries leave Redis now rather than when they expire.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), presence_writer).await;
     if let Some(ticks) = ticks {
         // Bounded: a held tick lease is released within its own deadline (a third of its TTL),
         // so the next ticker takes over at once instead of after the TTL.
