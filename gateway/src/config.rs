@@ -729,6 +729,26 @@ mod tests {
         let c = Config::load_from_env(Some(&file), &[], env(&[])).unwrap();
         assert_eq!(c.limits.publish_burst, 40);
         assert_eq!(c.heartbeat.ping_timeout_ms, 60_000);
+        assert_eq!(c.presence_channels, vec!["chat:*"]);
+        assert_eq!(c.presence.ttl_ms, 30_000);
+    }
+
+    #[test]
+    fn presence_keys_are_validated() {
+        let c = Config::load_from_env(
+            None,
+            &[],
+            env(&[("GATEWAY__PRESENCE_CHANNELS", "chat:*,room:*")]),
+        )
+        .unwrap();
+        assert_eq!(c.presence_channels, vec!["chat:*", "room:*"]);
+        for (var, value, key) in [
+            ("GATEWAY__PRESENCE_CHANNELS", "bad pattern", "presence_channels"),
+            ("GATEWAY__PRESENCE__TTL_MS", "10", "presence.ttl_ms"),
+        ] {
+            let e = Config::load_from_env(None, &[], env(&[(var, value)])).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]
