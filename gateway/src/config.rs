@@ -743,7 +743,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.presence_channels, vec!["chat:*", "room:*"]);
         for (var, value, key) in [
-            ("GATEWAY__PRESENCE_CHANNELS", "bad pattern", "presence_channels"),
+            (
+                "GATEWAY__PRESENCE_CHANNELS",
+                "bad pattern",
+                "presence_channels",
+            ),
             ("GATEWAY__PRESENCE__TTL_MS", "10", "presence.ttl_ms"),
         ] {
             let e = Config::load_from_env(None, &[], env(&[(var, value)])).unwrap_err();

@@ -226,6 +226,22 @@ async fn a_killed_nodes_entries_expire_within_the_ttl() {
     assert!(m.get(r#"gateway_presence_entries_removed_total{reason="expired"}"#) >= 1.0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_takes_its_entries_along_at_once() {
+    // The default TTL (30 s) is longer than any wait here: only the drain can remove them.
+    let mut cluster = Cluster::start(2).await;
+    let (mut alice, _) = connect(&cluster.nodes[0], "alice", "chat:drain").await;
+    let (_bob, _) = connect(&cluster.nodes[1], "bob", "chat:drain").await;
+    event(&mut alice, "join", "chat:drain", "bob").await;
+    cluster.nodes[1].sigterm();
+    event(&mut alice, "leave", "chat:drain", "bob").await;
+    assert_eq!(
+        presence(&mut alice, "chat:drain").await,
+        vec![pair("alice", "gw-1")]
+    );
+    assert!(cluster.nodes[1].wait_exit(TIMEOUT).await.success());
+}
+
 // === who may ask ===
 
 fn token(sub: &str, channels: &[&str]) -> String {
