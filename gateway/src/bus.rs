@@ -137,7 +137,7 @@ impl Bus {
     /// bus, where the node's own entries are the whole presence.
     pub async fn presence_write(
         &self,
-        writes: &[ChannelWrite],
+        writes: Vec<ChannelWrite>,
         ttl_ms: u64,
     ) -> Result<WriteOutcome, BusError> {
         match self {

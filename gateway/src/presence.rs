@@ -32,6 +32,9 @@ use crate::protocol::{self, ClientInfo};
 /// `join`/`leave` frames queued at most; more are dropped and counted.
 const MAX_EVENTS: usize = 10_000;
 
+/// Entries written per round trip (and, for a refresh, held in memory at once), about.
+const SLICE: usize = 1_000;
+
 /// How long a failed write waits before it is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -225,7 +228,14 @@ impl Presence {
                 std::mem::take(&mut state.events),
             )
         };
-        let ok = self.write(&dirty, false).await;
+        let writes: Vec<ChannelWrite> = {
+            let state = self.lock();
+            dirty
+                .iter()
+                .map(|(channel, sessions)| self.channel_write(&state, channel, sessions.iter()))
+                .collect()
+        };
+        let ok = self.write(writes).await;
         if !ok {
             // Put the changes back under any newer ones made meanwhile.
             let mut state = self.lock();
@@ -244,60 +254,88 @@ impl Presence {
         ok
     }
 
-    /// Pending changes first, then every local entry again with a fresh expiry.
+    /// Pending changes first, then every local entry again with a fresh expiry: channel by
+    /// channel, in slices of about [`SLICE`] entries, so what a refresh holds in
+    /// memory at once does not grow with the node's sessions.
     async fn refresh(&self) -> bool {
         if !self.flush().await {
             return false;
         }
-        let everything: HashMap<Box<str>, HashMap<Uuid, bool>> = {
-            let state = self.lock();
-            state
-                .local
-                .iter()
-                .map(|(channel, sessions)| {
-                    (
-                        channel.clone(),
-                        sessions.keys().map(|s| (*s, true)).collect(),
-                    )
-                })
-                .collect()
-        };
-        self.write(&everything, true).await
+        let channels: Vec<Box<str>> = self.lock().local.keys().cloned().collect();
+        let mut ok = true;
+        let mut rest = &channels[..];
+        while !rest.is_empty() {
+            let mut writes = Vec::new();
+            let mut entries = 0;
+            {
+                let state = self.lock();
+                while let Some((channel, tail)) = rest.split_first() {
+                    if entries >= SLICE {
+                        break;
+                    }
+                    rest = tail;
+                    if let Some(sessions) = state.local.get(channel) {
+                        entries += sessions.len();
+                        let present = sessions.keys().map(|s| (s, &true));
+                        writes.push(self.channel_write(&state, channel, present));
+                    }
+                }
+            }
+            ok &= self.write(writes).await;
+        }
+        ok
     }
 
-    /// Write `changes`: entries present are (re)written with their data from the local map
-    /// (an entry that left meanwhile is skipped: its removal is pending), the others removed.
-    async fn write(&self, changes: &HashMap<Box<str>, HashMap<Uuid, bool>>, refresh: bool) -> bool {
-        if changes.is_empty() {
-            return true;
-        }
-        let writes: Vec<ChannelWrite> = {
-            let state = self.lock();
-            changes
-                .iter()
-                .map(|(channel, sessions)| {
-                    let local = state.local.get(channel);
-                    let mut write = ChannelWrite {
-                        channel: channel.to_string(),
-                        ..Default::default()
-                    };
-                    for (session, present) in sessions {
-                        let id = session.to_string();
-                        match (present, local.and_then(|l| l.get(session))) {
-                            (true, Some(client_id)) => {
-                                let json = self.entry_json(&id, client_id);
-                                write.upserts.push((id, json));
-                            }
-                            (true, None) => {}
-                            (false, _) => write.removals.push(id),
-                        }
-                    }
-                    write
-                })
-                .collect()
+    /// One channel's writes: sessions present are (re)written with their data from the local
+    /// map (one that left meanwhile is skipped: its removal is pending), the others removed.
+    fn channel_write<'a>(
+        &self,
+        state: &State,
+        channel: &str,
+        sessions: impl Iterator<Item = (&'a Uuid, &'a bool)>,
+    ) -> ChannelWrite {
+        let local = state.local.get(channel);
+        let mut write = ChannelWrite {
+            channel: channel.to_owned(),
+            ..Default::default()
         };
+        for (session, present) in sessions {
+            let id = session.to_string();
+            match (present, local.and_then(|l| l.get(session))) {
+                (true, Some(client_id)) => {
+                    let json = self.entry_json(&id, client_id);
+                    write.upserts.push((id, json));
+                }
+                (true, None) => {}
+                (false, _) => write.removals.push(id),
+            }
+        }
+        write
+    }
+
+    /// Write `writes`, in round trips of about [`SLICE`] entries each (a pipeline's buffers
+    /// keep their size: the node's largest write stays small).
+    async fn write(&self, writes: Vec<ChannelWrite>) -> bool {
+        let mut ok = true;
+        let mut slice = Vec::new();
+        let mut entries = 0;
+        for write in writes {
+            entries += write.upserts.len() + write.removals.len();
+            slice.push(write);
+            if entries >= SLICE {
+                ok &= self.write_slice(std::mem::take(&mut slice)).await;
+                entries = 0;
+            }
+        }
+        if !slice.is_empty() {
+            ok &= self.write_slice(slice).await;
+        }
+        ok
+    }
+
+    async fn write_slice(&self, writes: Vec<ChannelWrite>) -> bool {
         let upserts: usize = writes.iter().map(|w| w.upserts.len()).sum();
-        match self.bus.presence_write(&writes, self.ttl_ms).await {
+        match self.bus.presence_write(writes, self.ttl_ms).await {
             Ok(outcome) => {
                 if matches!(self.bus, Bus::Redis(_)) {
                     self.metrics.presence_written.inc_by(upserts as u64);
@@ -310,8 +348,7 @@ impl Presence {
                 true
             }
             Err(e) => {
-                let what = if refresh { "refresh" } else { "write" };
-                tracing::warn!(error = %e, "presence {what} failed; retrying");
+                tracing::warn!(error = %e, "presence write failed; retrying");
                 false
             }
         }

@@ -147,34 +147,40 @@ impl RedisBus {
     /// channel's shard on a cluster) with `ttl_ms` as the entries' lifetime.
     pub async fn presence_write(
         &self,
-        writes: &[ChannelWrite],
+        writes: Vec<ChannelWrite>,
         ttl_ms: u64,
     ) -> Result<WriteOutcome, BusError> {
         // At most CHUNK entries per call: a script blocks its Redis while it runs.
         const CHUNK: usize = 500;
-        let pieces = writes.iter().flat_map(|w| {
-            let upserts = w.upserts.chunks(CHUNK).map(|u| (u, &[][..]));
-            let removals = w.removals.chunks(CHUNK).map(|r| (&[][..], r));
-            upserts
-                .chain(removals)
-                .map(move |(u, r)| (w.channel.as_str(), u, r))
-        });
-        let calls: Vec<ScriptCall> = pieces
-            .map(|(channel, upserts, removals)| {
-                let mut args = Vec::with_capacity(2 + 2 * upserts.len() + removals.len());
-                args.push(ttl_ms.to_string());
-                args.push(upserts.len().to_string());
-                for (session, json) in upserts {
-                    args.push(session.clone());
-                    args.push(json.clone());
+        let ttl = ttl_ms.to_string();
+        let mut calls: Vec<ScriptCall> = Vec::with_capacity(writes.len());
+        for write in writes {
+            let keys: Vec<String> = keys(&self.prefix, &write.channel).into();
+            let mut upserts = write.upserts.into_iter().peekable();
+            while upserts.peek().is_some() {
+                let mut args = vec![ttl.clone(), String::new()];
+                let mut n = 0;
+                for (session, json) in upserts.by_ref().take(CHUNK) {
+                    args.push(session);
+                    args.push(json);
+                    n += 1;
                 }
-                args.extend(removals.iter().cloned());
-                ScriptCall {
-                    keys: keys(&self.prefix, channel).into(),
+                args[1] = n.to_string();
+                calls.push(ScriptCall {
+                    keys: keys.clone(),
                     args,
-                }
-            })
-            .collect();
+                });
+            }
+            let mut removals = write.removals.into_iter().peekable();
+            while removals.peek().is_some() {
+                let mut args = vec![ttl.clone(), "0".to_owned()];
+                args.extend(removals.by_ref().take(CHUNK));
+                calls.push(ScriptCall {
+                    keys: keys.clone(),
+                    args,
+                });
+            }
+        }
         let replies =
             tokio::time::timeout(self.timeout, self.commands.eval_all(WRITE_SCRIPT, &calls))
                 .await
