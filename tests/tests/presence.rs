@@ -85,10 +85,11 @@ fn pair(client_id: &str, node: &str) -> (String, String) {
 }
 
 async fn connect(node: &GatewayNode, client_id: &str, channels: &str) -> (WsClient, String) {
-    let (client, welcome) = WsClient::connect_welcomed(
+    let (mut client, welcome) = WsClient::connect_welcomed(
         &node.ws_url(&format!("client_id={client_id}&channels={channels}")),
     )
     .await;
+    client.presence_events = true;
     let session = welcome["session"].as_str().unwrap().to_owned();
     (client, session)
 }
@@ -161,9 +162,10 @@ async fn presence_lists_both_nodes_and_join_leave_reach_both() {
 
     // Unsubscribing leaves at once: the leave reaches both nodes and presence no longer
     // lists the session, as soon as the leave has arrived.
-    let reply = alice
-        .request(json!({"type": "unsubscribe", "channel": "chat:room"}))
+    alice
+        .send_json(json!({"type": "unsubscribe", "channel": "chat:room", "id": "u"}))
         .await;
+    let reply = until(&mut alice, "unsubscribed", |f| f["id"] == "u").await;
     assert_eq!(reply["type"], "unsubscribed");
     let leave = event(&mut bob, "leave", "chat:room", "alice").await;
     assert_eq!(leave["session"], alice_session.as_str());
@@ -485,9 +487,11 @@ async fn disconnect_and_unsubscribe_reach_every_node_through_the_api_and_the_cli
     let cluster = Cluster::start(2).await;
     let api = publisher(&cluster).await;
     let url = cluster.redis.url();
+    let (mut g, _) = connect(&cluster.nodes[1], "grace", "chat:ctl").await;
     let (mut f1, _) = connect(&cluster.nodes[0], "frank", "chat:ctl,news").await;
     let (mut f2, _) = connect(&cluster.nodes[1], "frank", "chat:ctl").await;
-    let (mut g, _) = connect(&cluster.nodes[1], "grace", "chat:ctl").await;
+    // Both of frank's sessions are in the room (one join each).
+    event(&mut g, "join", "chat:ctl", "frank").await;
     event(&mut g, "join", "chat:ctl", "frank").await;
 
     // Unsubscribe through the API: each of frank's sessions is told, on both nodes, within a
@@ -509,6 +513,7 @@ async fn disconnect_and_unsubscribe_reach_every_node_through_the_api_and_the_cli
         "{:?}",
         sent.elapsed()
     );
+    event(&mut g, "leave", "chat:ctl", "frank").await;
     event(&mut g, "leave", "chat:ctl", "frank").await;
     assert_eq!(
         presence(&mut g, "chat:ctl").await,
