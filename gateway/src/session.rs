@@ -28,7 +28,7 @@ use crate::auth::{self, Grant, Permissions};
 use crate::bus::{BusError, History, Live};
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
 use crate::metrics::{frame_type, reason};
-use crate::node::Node;
+use crate::node::{Node, SessionCommand};
 use crate::outbox::{signal, Frame, Outbox};
 use crate::protocol::{self, close, ClientFrame, Offset};
 use transport::{End, Inbound, Transport};
@@ -285,6 +285,7 @@ fn close_text(why: &'static str) -> &'static str {
         reason::MAX_CONNECTIONS => "node is at limits.max_connections",
         reason::MAX_CONNECTIONS_PER_IP => "too many connections from this address",
         reason::TOKEN_EXPIRED => "token expired",
+        reason::DISCONNECTED => "disconnected by the server",
         other => other,
     }
 }
@@ -628,6 +629,9 @@ impl Session {
         if signals & signal::SHUTDOWN != 0 {
             return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
         }
+        if signals & signal::COMMAND != 0 {
+            self.on_commands(t).await?;
+        }
         if signals & signal::BEAT != 0 {
             if self.awaiting_welcome() {
                 // Client frames (pongs included) are not read until the welcome: only the
@@ -711,6 +715,10 @@ impl Session {
                     if signals & signal::SHUTDOWN != 0 {
                         return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
                     }
+                    if signals & signal::COMMAND != 0 {
+                        // Acted on once the write is done (the loop's next wake-up).
+                        self.outbox.restore_signals(signal::COMMAND);
+                    }
                     // A heartbeat while blocked: no ping (the client is not reading anyway),
                     // but the deadline holds.
                     self.check_heartbeat()?;
@@ -784,6 +792,10 @@ impl Session {
             ClientFrame::Refresh { token, id } => {
                 frames.with_label_values(&[frame_type::REFRESH]).inc();
                 Some(self.on_refresh(&token, id)?)
+            }
+            ClientFrame::Presence { channel, id } => {
+                frames.with_label_values(&[frame_type::PRESENCE]).inc();
+                Some(self.on_presence(&channel, id).await?)
             }
         };
         match reply {
@@ -886,7 +898,81 @@ impl Session {
             self.node.bus.want(channel);
         }
         self.channels.push(channel.into());
+        self.node
+            .presence
+            .join(channel, self.uuid, self.client_id());
         Ok(true)
+    }
+
+    /// Who is in a presence channel: for a session subscribed to it, or whose token's
+    /// `channels` claim allows it (docs/REFERENCE.md §8).
+    async fn on_presence(&mut self, channel: &str, id: Option<&RawValue>) -> Result<String, End> {
+        // Each answer costs a Redis read: rate limited like publishes.
+        if !self.charge()? {
+            let message = "presence rate limit exceeded; slow down";
+            return Ok(protocol::error_frame(
+                "rate_limited",
+                message,
+                Some(channel),
+                id,
+            ));
+        }
+        if !self.node.presence.applies(channel) {
+            let message = format!("{channel} is not a presence channel (presence_channels)");
+            return Ok(protocol::error_frame(
+                "not_presence",
+                &message,
+                Some(channel),
+                id,
+            ));
+        }
+        let subscribed = self.channels.iter().any(|c| &**c == channel);
+        let claimed = self
+            .permissions
+            .as_ref()
+            .and_then(|p| p.channels.as_deref())
+            .is_some_and(|patterns| auth::allowed(patterns, channel));
+        if !subscribed && !claimed {
+            let message = format!("subscribe to {channel} to see who is in it");
+            return Ok(protocol::error_frame(
+                "forbidden",
+                &message,
+                Some(channel),
+                id,
+            ));
+        }
+        Ok(match self.node.presence.list(channel).await {
+            Ok(clients) => protocol::presence_frame(channel, &clients, id),
+            Err(e) => {
+                tracing::debug!(error = %e, "presence read failed");
+                let message = "presence could not be read: the message bus (Redis) is unavailable; try again later";
+                protocol::error_frame("presence_failed", message, Some(channel), id)
+            }
+        })
+    }
+
+    /// Commands the node queued for this session (the server API's, through `control`).
+    async fn on_commands<T: Transport>(&mut self, t: &mut T) -> Result<(), End> {
+        let commands = self.node.take_commands(self.id);
+        if commands.contains(&SessionCommand::Disconnect) {
+            return Err(End::Close(close::DISCONNECTED, reason::DISCONNECTED));
+        }
+        for command in commands {
+            if let SessionCommand::Unsubscribe(channel) = command {
+                let waiting = self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.waits.iter().any(|w| w.channel == channel));
+                let subscribed = self.channels.contains(&channel);
+                if (subscribed || waiting) && *channel != self.personal {
+                    t.forget(&channel);
+                    for reply in self.on_unsubscribe(&channel, None) {
+                        self.send(t, reply).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Subscribe, answer `subscribed` (or an error), then replay from `since` if given.
@@ -995,6 +1081,9 @@ impl Session {
     }
 
     fn remove_from_hub(&self, channel: &str) {
+        self.node
+            .presence
+            .leave(channel, self.uuid, self.client_id());
         if self.node.hub.unsubscribe(channel, self.id) == Unsubscribed::Last {
             self.node.bus.release(channel);
         }

@@ -60,9 +60,10 @@ async fn metrics_parse_and_count_what_happened() {
         m.get("gateway_connections_total") - before.get("gateway_connections_total"),
         2.0
     );
-    // Personal channels count too: a has user:…, m1, m2; b has user:…, m1.
+    // Personal channels count too: a has user:…, m1, m2; b has user:…, m1. The node's Redis
+    // channels: those four and the control channel.
     assert_eq!(m.get("gateway_subscriptions"), 5.0);
-    assert_eq!(m.get("gateway_channels"), 4.0);
+    assert_eq!(m.get("gateway_channels"), 5.0);
     assert_eq!(m.get(r#"gateway_client_frames_total{type="ping"}"#), 3.0);
     assert_eq!(m.get("gateway_messages_received_total"), 5.0);
     assert_eq!(m.get("gateway_messages_delivered_total"), 10.0);

@@ -211,6 +211,10 @@ async fn posted_frames_are_answered_over_the_stream_and_forwarded_from_another_n
     assert_eq!(published["id"], 2);
     let message = client.until_message("chat:sse").await;
     assert_eq!(message["data"], json!({"text": "hi"}));
+    // It went as a `forward` control message, acted on by the session's node only.
+    let forwarded = r#"gateway_control_messages_total{kind="forward"}"#;
+    assert_eq!(cluster.nodes[0].metrics().await.get(forwarded), 1.0);
+    assert_eq!(cluster.nodes[1].metrics().await.get(forwarded), 0.0);
     let reply = sse_post(b, &session, &json!({"type":"ping","id":3}), &[]).await;
     assert_eq!(reply.status, 202);
     assert_eq!(client.until_type("pong").await["id"], 3);

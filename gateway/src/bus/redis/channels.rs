@@ -16,12 +16,18 @@
 //! live. A released channel is forgotten (and UNSUBSCRIBEd) after the delay if nobody wants it
 //! again; a message still in flight for it finds no entry and changes nothing.
 //!
+//! Two kinds of traffic are not messages: presence events (`join`/`leave`, marked in the
+//! envelope) go to the hub as plain frames while the channel is live and are otherwise
+//! dropped, never held, never counted in a position; and the node's control channel
+//! (`protocol::CONTROL_CHANNEL`, wanted like any channel, so it is resubscribed and counted
+//! by readiness like any channel) goes to the control sink instead of the hub.
+//!
 //! One std `Mutex` over the map: every critical section is short and never awaits. Fan-out to
 //! the hub happens under it, so that a channel's messages reach the hub in order whichever
 //! task (the reader, or the history worker at the end of a catch-up) delivers them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::{oneshot, Notify};
@@ -132,8 +138,13 @@ pub struct Reads {
     pub catch_ups: Vec<ReadRequest>,
 }
 
+/// Where the control channel's payloads go; must not block (it runs under the map's lock).
+pub type ControlSink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 pub struct Channels {
     state: Mutex<State>,
+    /// Set once when the node starts its control task.
+    control: OnceLock<ControlSink>,
     /// Wakes the subscriber task: a channel needs a SUBSCRIBE, or a baseline a PING.
     pub wake: Notify,
     hub: Arc<Hub>,
@@ -157,11 +168,17 @@ impl Channels {
                 subscribed: 0,
                 not_live: 0,
             }),
+            control: OnceLock::new(),
             wake: Notify::new(),
             hub,
             metrics,
             max_held,
         }
+    }
+
+    /// Send the control channel's payloads to `sink` (once; later calls are ignored).
+    pub fn on_control(&self, sink: ControlSink) {
+        let _ = self.control.set(sink);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -245,10 +262,27 @@ impl Channels {
         if state.conn != conn {
             return;
         }
+        if channel == protocol::CONTROL_CHANNEL {
+            drop(state);
+            if let Some(sink) = self.control.get() {
+                sink(payload);
+            }
+            return;
+        }
         let Some(chan) = state.map.get_mut(channel) else {
             // Not wanted (any more): no session was told it is subscribed.
             return;
         };
+        if offset.is_none() {
+            if let Some(frame) = super::envelope::event(payload) {
+                // Live-only and best-effort: a presence event is neither held while the
+                // channel catches up nor part of its position.
+                if chan.phase == Phase::Live {
+                    self.hub.notify(channel, frame.to_owned());
+                }
+                return;
+            }
+        }
         match chan.phase {
             Phase::Live => {
                 if let Some(offset) = offset.and_then(Offset::parse) {
