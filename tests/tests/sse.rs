@@ -418,3 +418,31 @@ async fn cors_echoes_allowed_origins_and_refuses_others() {
     let close: Value = third.expect_close().await;
     assert_eq!(close["code"], 1013, "{close}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_reaches_sse_sessions_like_any_other() {
+    let cluster = Cluster::start(2).await;
+    let publisher = publisher(&cluster).await;
+    let mut client = welcomed(
+        cluster.nodes[1].port,
+        "channels=chat:api&client_id=sse-api",
+        &[],
+    )
+    .await;
+    // Unsubscribe from the server: an `unsubscribed` frame without an id.
+    let (status, body) = publisher
+        .post(
+            "/unsubscribe",
+            r#"{"client_id":"sse-api","channel":"chat:api"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let frame = client.until_type("unsubscribed").await;
+    assert_eq!(frame, json!({"type":"unsubscribed","channel":"chat:api"}));
+    // Disconnect: the stream ends with 4409.
+    let (status, body) = publisher
+        .post("/disconnect", r#"{"client_id":"sse-api"}"#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client.expect_close().await["code"], 4409);
+}
