@@ -140,6 +140,8 @@ async fn last_event_id_resumes_exactly_what_was_missed_on_another_node() {
         &[("Last-Event-ID", &id)],
     )
     .await;
+    // The resumed stream starts from the position it was given: its welcome carries it.
+    assert_eq!(client.last_id.as_deref(), Some(&*id));
     let last = expect_sequence(&mut client, "h:s", 4, 30).await;
     burst.await.unwrap();
     // Nothing more: no duplicate of the replay.
@@ -169,6 +171,8 @@ async fn last_event_id_resumes_exactly_what_was_missed_on_another_node() {
     .await;
     let error = gone.expect_type("error").await;
     assert_eq!(error["code"], "history_gone", "{error}");
+    // A position that cannot be resumed from is not handed back: the error's event clears it.
+    assert_eq!(gone.last_id.as_deref(), Some(""));
     publish(publisher.port, "h:s", 31).await;
     assert_eq!(bad.until_message("h:s").await["data"]["n"], 31);
     assert_eq!(gone.until_message("h:s").await["data"]["n"], 31);
