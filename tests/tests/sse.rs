@@ -450,3 +450,59 @@ async fn the_server_api_reaches_sse_sessions_like_any_other() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(client.expect_close().await["code"], 4409);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_written_to_a_client_that_stopped_reading_is_dropped_after_its_session() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env("GATEWAY__LIMITS__SEND_QUEUE_BYTES", "65536")
+        .env("GATEWAY__HEARTBEAT__PING_INTERVAL_MS", "300")
+        .env("GATEWAY__HEARTBEAT__PING_TIMEOUT_MS", "1000")
+        .env("GATEWAY__LIMITS__HANDSHAKE_TIMEOUT_MS", "2000")
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    // One session first, so that what stays open afterwards (Redis connections) is counted.
+    let probe = welcomed(node.port, "channels=ticks", &[]).await;
+    drop(probe);
+    let fds = async || node.metrics().await.get("process_open_fds");
+    eventually("the probe session to end", async || {
+        let m = node.metrics().await;
+        (m.get("gateway_connections") == 0.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = fds().await;
+
+    let _slow = welcomed(node.port, "channels=flood", &[]).await;
+    let mut conn = cluster.redis.connection().await;
+    let payload = format!("\"{}\"", "x".repeat(32 * 1024));
+    let deadline = tokio::time::Instant::now() + TIMEOUT * 3;
+    loop {
+        for _ in 0..50 {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("flood")
+                .arg(&payload)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        if node
+            .metrics()
+            .await
+            .get(r#"gateway_connections{transport="sse"}"#)
+            == 0.0
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never cut off");
+    }
+    // The session ended (4000), but its close event cannot be written to a client that reads
+    // nothing. The connection is not kept forever: once the session gave up on the close
+    // event (5 s), the stream ends and hyper, waiting for the next request's head, drops the
+    // connection after `limits.handshake_timeout_ms`.
+    eventually("the stalled connection to be dropped", async || {
+        (fds().await <= before).then_some(())
+    })
+    .await;
+}
