@@ -352,3 +352,43 @@ async fn a_primary_restarted_in_place_keeps_the_sessions_and_the_order() {
     }
     nodes[0].await_ready(200).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_sessions_and_their_forwarded_posts_work_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let nodes = gateways(&cluster, 2, &[]).await;
+    let channels = one_channel_per_shard(&cluster, "sse");
+    let query = format!("/sse?channels={}&client_id=sse-c", channels.join(","));
+    let mut client = tests::SseClient::connect(nodes[0].port, &query, &[]).await;
+    let welcome = client.expect_type("welcome").await;
+    let session = welcome["session"].as_str().unwrap().to_owned();
+    for channel in &channels {
+        spublish(&cluster, channel, &json!({ "on": channel }).to_string());
+        let frame = client.until_message(channel).await;
+        assert_eq!(frame["data"]["on"], channel.as_str());
+    }
+    // The session's key is read on the other node (cluster command pool), and the frame goes
+    // to the session's node on the control channel (a shard channel).
+    for (port, forwarded) in [(nodes[1].port, true), (nodes[0].port, false)] {
+        let reply = tests::sse_post(port, &session, &json!({"type":"ping","id":port}), &[]).await;
+        assert_eq!(reply.status, 202, "{reply:?}");
+        assert!(
+            reply.body.contains(&format!(r#""forwarded":{forwarded}"#)),
+            "{reply:?}"
+        );
+        assert_eq!(client.until_type("pong").await["id"], port);
+    }
+    drop(client);
+    let start = Instant::now();
+    loop {
+        let reply = tests::sse_post(nodes[1].port, &session, &json!({"type":"ping"}), &[]).await;
+        if reply.status == 404 {
+            break;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the ended session's key was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
