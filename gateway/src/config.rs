@@ -384,12 +384,11 @@ impl Config {
             }
             redis_url("redis.cluster_nodes", url)?;
         }
-        if self.redis.read_from == ReadFrom::Replica {
-            // The redis crate's cluster client sends SSUBSCRIBE to the primary whatever its
-            // read routing; subscribing on replicas needs routing the crate does not offer yet.
+        if self.redis.read_from == ReadFrom::Replica && !self.redis.is_cluster() {
             return Err(invalid(
                 "redis.read_from",
-                "`replica` is not supported yet: the node subscribes on each shard's primary",
+                "`replica` applies to a Redis Cluster (`redis.cluster_nodes`); a standalone \
+                 node subscribes on `redis.url`",
             ));
         }
         if self.redis.is_cluster() && self.ticks == Some(true) {

@@ -93,6 +93,9 @@ pub mod reason {
     pub const SESSION_CLOSED: &str = "session_closed";
     /// Closed by the server API's `POST /disconnect` (4409).
     pub const DISCONNECTED: &str = "disconnected";
+    /// `gateway_messages_dropped_total` only: a message with history that arrived from Redis
+    /// again (an offset the node had already delivered), not delivered twice.
+    pub const DUPLICATE: &str = "duplicate";
 
     /// Every reason of `gateway_disconnects_total`.
     pub const DISCONNECTS: [&str; 17] = [
@@ -270,7 +273,11 @@ impl Metrics {
         }
         // Every known label value exists from the start, at zero (as Prometheus recommends),
         // so that rate() and alerts see a series before its first event.
-        for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {
+        for r in [
+            reason::SLOW_CONSUMER,
+            reason::SESSION_CLOSED,
+            reason::DUPLICATE,
+        ] {
             m.messages_dropped.with_label_values(&[r]);
         }
         for t in transport::ALL {
@@ -330,7 +337,11 @@ mod tests {
             let series = format!("gateway_connections{{transport=\"{t}\"}} 0");
             assert!(text.contains(&series), "missing {series}");
         }
-        for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {
+        for r in [
+            reason::SLOW_CONSUMER,
+            reason::SESSION_CLOSED,
+            reason::DUPLICATE,
+        ] {
             let series = format!("gateway_messages_dropped_total{{reason=\"{r}\"}} 0");
             assert!(text.contains(&series), "missing {series}");
         }

@@ -262,6 +262,17 @@ impl Node {
         sessions.len()
     }
 
+    /// Give back commands a session could not act on yet, ahead of any queued since.
+    pub fn requeue_commands(&self, id: SessionId, mut commands: Vec<SessionCommand>) {
+        if commands.is_empty() {
+            return;
+        }
+        let mut all = self.lock_commands();
+        let queued = all.entry(id).or_default();
+        commands.append(queued);
+        *queued = commands;
+    }
+
     /// The commands queued for session `id`, in order.
     pub fn take_commands(&self, id: SessionId) -> Vec<SessionCommand> {
         self.lock_commands().remove(&id).unwrap_or_default()

@@ -443,6 +443,8 @@ impl Session {
                 };
                 self.last_seen = Instant::now();
                 self.welcome(t, welcome).await?;
+                // Server unsubscribes that arrived while the welcome waited.
+                self.on_commands(t).await?;
                 // Nothing queued was written while the welcome waited.
                 if !self.outbox.take(batch) {
                     return Err(End::Close(close::SLOW_CONSUMER, reason::SLOW_CONSUMER));
@@ -956,6 +958,11 @@ impl Session {
         let commands = self.node.take_commands(self.id);
         if commands.contains(&SessionCommand::Disconnect) {
             return Err(End::Close(close::DISCONNECTED, reason::DISCONNECTED));
+        }
+        if self.awaiting_welcome() {
+            // Nothing but the welcome may come first: unsubscribes wait for it (`on_live`).
+            self.node.requeue_commands(self.id, commands);
+            return Ok(());
         }
         for command in commands {
             if let SessionCommand::Unsubscribe(channel) = command {

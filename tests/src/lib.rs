@@ -549,6 +549,10 @@ impl RedisCluster {
                     // syncing right after the cluster was created).
                     "--cluster-replica-validity-factor".to_owned(),
                     "0".to_owned(),
+                    // A replica is listed in `CLUSTER SLOTS` (where clients find replicas)
+                    // only once it has a replication offset: ping it every second.
+                    "--repl-ping-replica-period".to_owned(),
+                    "1".to_owned(),
                 ];
                 extra.extend(args.iter().map(|a| a.to_string()));
                 RedisServer::start_full(None, extra)
@@ -572,13 +576,17 @@ impl RedisCluster {
         cluster
     }
 
-    /// Wait until every node sees three replicas: `--cluster create` returns once the nodes
-    /// agree on the slots, before every replica's role has reached every node.
+    /// Wait until every node sees three replicas and lists them in `CLUSTER SLOTS` (six node
+    /// ids): `--cluster create` returns once the nodes agree on the slots, before every
+    /// replica's role has reached every node and before a replica is offered to clients.
     fn await_replicas(&self) {
         let deadline = Instant::now() + TIMEOUT;
+        let is_id = |line: &&str| line.len() == 40 && line.bytes().all(|b| b.is_ascii_hexdigit());
         while !self.nodes.iter().all(|n| {
             n.cli_try(&["CLUSTER", "NODES"])
                 .is_some_and(|nodes| nodes.matches("slave").count() == 3)
+                && n.cli_try(&["CLUSTER", "SLOTS"])
+                    .is_some_and(|slots| slots.lines().filter(is_id).count() == 6)
         }) {
             assert!(
                 Instant::now() < deadline,
@@ -722,17 +730,18 @@ impl RedisCluster {
                 None => r.parse::<u16>().is_ok_and(|s| s == slot),
             })
         };
+        // Flags are a comma-separated set (`myself,master`, `slave,fail?`, `master,nofailover`).
+        let has = |flags: &str, flag: &str| flags.split(',').any(|f| f == flag);
+        let failed = |flags: &str| has(flags, "fail") || has(flags, "fail?");
         let master = entries.iter().find(|(_, _, flags, _, slots)| {
-            flags.contains("master") && !flags.contains("fail") && owns(slots)
+            has(flags, "master") && !failed(flags) && owns(slots)
         })?;
         if role == "master" {
             return Some(master.1);
         }
         entries
             .iter()
-            .find(|(_, _, flags, of, _)| {
-                flags.contains("slave") && !flags.contains("fail") && *of == master.0
-            })
+            .find(|(_, _, flags, of, _)| has(flags, "slave") && !failed(flags) && *of == master.0)
             .map(|entry| entry.1)
     }
 }

@@ -244,6 +244,53 @@ async fn a_drained_node_takes_its_entries_along_at_once() {
     assert!(cluster.nodes[1].wait_exit(TIMEOUT).await.success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_works_on_the_memory_bus() {
+    // No Redis at all: one node, its own sessions are the whole presence.
+    let node = GatewayNode::start("solo", &[]).await;
+    let (mut a, _) = connect(&node, "ann", "chat:solo").await;
+    let (mut b, b_session) = connect(&node, "ben", "chat:solo").await;
+    let join = event(&mut a, "join", "chat:solo", "ben").await;
+    assert_eq!(join["session"], b_session.as_str());
+    let both = vec![pair("ann", "solo"), pair("ben", "solo")];
+    assert_eq!(presence(&mut a, "chat:solo").await, both);
+    assert_eq!(presence(&mut b, "chat:solo").await, both);
+    drop(b);
+    event(&mut a, "leave", "chat:solo", "ben").await;
+    assert_eq!(
+        presence(&mut a, "chat:solo").await,
+        vec![pair("ann", "solo")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_message_addressed_to_one_node_acts_there_only() {
+    let cluster = Cluster::start(2).await;
+    let (mut on1, _) = connect(&cluster.nodes[0], "kim", "news").await;
+    let (mut on2, _) = connect(&cluster.nodes[1], "kim", "news").await;
+    // As an operator (or another node) would send it, by hand, through Redis.
+    let message = r#"{"kind":"disconnect","client_id":"kim","node":"gw-2"}"#;
+    cluster.redis.cli(&["PUBLISH", "#control", message]);
+    assert_eq!(on2.expect_close_frame().await.0, 4409);
+    // gw-1 ignored it: its session still answers.
+    let pong = on1.request(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(pong["type"], "pong");
+    // Garbage on the control channel is counted and ignored.
+    cluster.redis.cli(&["PUBLISH", "#control", "not json"]);
+    eventually("the invalid control message counted", async || {
+        let m = cluster.nodes[0].metrics().await;
+        (m.get(r#"gateway_control_messages_total{kind="invalid"}"#) == 1.0).then_some(())
+    })
+    .await;
+    let pong = on1.request(json!({"type": "ping", "id": 2})).await;
+    assert_eq!(pong["type"], "pong");
+    let m = cluster.nodes[0].metrics().await;
+    assert_eq!(
+        m.get(r#"gateway_control_messages_total{kind="disconnect"}"#),
+        0.0
+    );
+}
+
 // === who may ask ===
 
 fn token(sub: &str, channels: &[&str]) -> String {

@@ -56,6 +56,10 @@ struct Chan {
     /// It has been live: sessions were told `subscribed`, so a resubscribe must catch it up.
     told: bool,
     position: Position,
+    /// The newest offset handed to the hub (live, replayed or held): a message at or before
+    /// it in the same epoch is a second copy. Unlike `position`, never set from a baseline
+    /// reading (a message published before a baseline can still arrive live after it).
+    delivered: Position,
     /// When its last local subscriber left (UNSUBSCRIBE after the delay, unless wanted again).
     release_at: Option<Instant>,
     /// What only a channel in transition needs; None (one word) for a settled live channel.
@@ -84,6 +88,7 @@ impl Chan {
             sent: false,
             told: false,
             position: Position::Unknown,
+            delivered: Position::Unknown,
             release_at: None,
             extra: None,
         }
@@ -236,6 +241,11 @@ impl Channels {
     }
 
     /// How many channels the node wants.
+    /// Channels confirmed subscribed on the current connection.
+    pub fn subscribed(&self) -> usize {
+        self.lock().subscribed
+    }
+
     pub fn len(&self) -> usize {
         self.lock().map.len()
     }
@@ -286,6 +296,14 @@ impl Channels {
         match chan.phase {
             Phase::Live => {
                 if let Some(offset) = offset.and_then(Offset::parse) {
+                    if chan.delivered.covers(&offset) {
+                        // Delivered already: the same message on a second subscription (a
+                        // cluster client can hold two connections to a node while it
+                        // recovers), or replayed by a catch-up before it arrived live.
+                        self.duplicate();
+                        return;
+                    }
+                    chan.delivered.advance(offset.clone());
                     chan.position.advance(offset);
                 }
                 let born = offset.map_or_else(Instant::now, super::envelope::published_at);
@@ -307,6 +325,13 @@ impl Channels {
             // A first subscription not yet confirmed: nobody was told `subscribed`.
             Phase::Pending | Phase::CatchingUp => {}
         }
+    }
+
+    fn duplicate(&self) {
+        self.metrics
+            .messages_dropped
+            .with_label_values(&[crate::metrics::reason::DUPLICATE])
+            .inc();
     }
 
     // --- the subscriber ---
@@ -514,6 +539,9 @@ impl Channels {
                     self.metrics.messages_received.inc();
                     let born = super::envelope::published_at(offset);
                     self.hub.publish(channel, payload, Some(offset), born);
+                    if let Some(o) = Offset::parse(offset) {
+                        chan.delivered.advance(o);
+                    }
                 }
                 Some(position.clone())
             }
@@ -533,12 +561,19 @@ impl Channels {
             again,
             ..
         } = *extra;
+        // Held messages the replay covered are dropped, and so is any delivered already.
+        let covered = covered.unwrap_or(Position::Unknown);
         for (offset, payload) in held {
             let parsed = offset.as_deref().and_then(Offset::parse);
-            if let (Some(Position::At(c)), Some(o)) = (&covered, &parsed) {
-                if o.epoch == c.epoch && o.id <= c.id {
+            if let Some(o) = &parsed {
+                if covered.covers(o) {
                     continue;
                 }
+                if chan.delivered.covers(o) {
+                    self.duplicate();
+                    continue;
+                }
+                chan.delivered.advance(o.clone());
             }
             let born = offset
                 .as_deref()
@@ -776,6 +811,36 @@ mod tests {
         channels.take_unsent(conn, 10);
         let reads = channels.confirmed(conn, &["c".to_owned()], 100);
         assert_eq!(reads.catch_ups[0].from, Position::Unknown);
+    }
+
+    #[test]
+    fn a_message_arriving_twice_is_delivered_once_but_a_baseline_drops_nothing() {
+        let (hub, channels, outbox) = setup();
+        let conn = channels.connected();
+        subscribe(&hub, &channels, &outbox, conn);
+        // A baseline says the stream ends at 3 (read after the SUBSCRIBE, proven by a PING).
+        channels.baseline(
+            conn,
+            "c",
+            Ok(Read {
+                outcome: Outcome::Replay(Vec::new()),
+                position: Position::At(Offset::parse(&offset(3)).unwrap()),
+            }),
+        );
+        let n = channels.ping_sent();
+        channels.pong(conn, n);
+        // 2 was published before the baseline was read but arrives after it: delivered.
+        channels.on_message(conn, "c", Some(&offset(2)), b"2");
+        channels.on_message(conn, "c", Some(&offset(4)), b"4");
+        // The same messages again (a second subscription on the same node): not delivered.
+        channels.on_message(conn, "c", Some(&offset(4)), b"4");
+        channels.on_message(conn, "c", Some(&offset(2)), b"2");
+        channels.on_message(conn, "c", Some(&offset(5)), b"5");
+        let got = texts(&outbox);
+        assert_eq!(got.len(), 3, "{got:?}");
+        for (text, data) in got.iter().zip(["2", "4", "5"]) {
+            assert!(text.contains(&format!("\"data\":{data}")), "{text}");
+        }
     }
 
     #[test]
