@@ -154,9 +154,11 @@ impl Relay {
         if self.sessions().remove(&id).is_none() {
             return;
         }
-        if self.bus.is_shared() {
+        // Outside a runtime (a process tearing down) the key is left to expire.
+        let runtime = tokio::runtime::Handle::try_current();
+        if let (true, Ok(runtime)) = (self.bus.is_shared(), runtime) {
             let bus = self.bus.clone();
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 if let Err(e) = bus.delete(&key(&id)).await {
                     tracing::debug!(error = %e, "SSE session key not deleted; it expires");
                 }
