@@ -506,3 +506,39 @@ async fn a_stream_written_to_a_client_that_stopped_reading_is_dropped_after_its_
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_is_read_outlives_the_heartbeat_timeout() {
+    // An SSE client cannot answer pings: the pings it reads keep its session alive.
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env("GATEWAY__HEARTBEAT__PING_INTERVAL_MS", "200")
+        .env("GATEWAY__HEARTBEAT__PING_TIMEOUT_MS", "600")
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    let mut client = welcomed(node.port, "channels=ticks", &[]).await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    let mut pings = 0;
+    while tokio::time::Instant::now() < until {
+        match client.next_within(Duration::from_millis(500)).await {
+            Some(SseItem::Comment(c)) if c == "ping" => pings += 1,
+            Some(SseItem::Event {
+                event: Some(e),
+                data,
+                ..
+            }) if e == "close" => {
+                panic!("closed: {data}")
+            }
+            Some(_) => {}
+            None => panic!("the stream stalled or ended"),
+        }
+    }
+    assert!(pings >= 8, "{pings} pings in 2.5 s");
+    let m = node.metrics().await;
+    assert_eq!(m.get(r#"gateway_connections{transport="sse"}"#), 1.0);
+    assert_eq!(
+        m.get(r#"gateway_disconnects_total{reason="heartbeat_timeout",transport="sse"}"#),
+        0.0
+    );
+}
