@@ -1,7 +1,8 @@
 //! The Server-Sent Events endpoints (docs/REFERENCE.md §9): `GET /sse` opens a session on the
 //! SSE transport (`session::sse`) with the parameters of `/ws`; `POST /sse/{session}` hands
-//! one client frame to a session, on this node or, through the relay, on the node that holds
-//! it; `OPTIONS` answers the CORS preflight of both for the allowed origins.
+//! one client frame to a session: into its inbox when this node holds it (the relay knows),
+//! else as a `forward` message of the control channel to the node that does (its Redis key
+//! says which); `OPTIONS` answers the CORS preflight of both for the allowed origins.
 //!
 //! A stream that cannot become a session (a bad token, a bad query, a full node) is still a
 //! `200 text/event-stream` that says why in its only event, `event: close` with the close code
