@@ -1231,6 +1231,50 @@ pub fn publisher_command() -> tokio::process::Command {
     publisher_command_in(None)
 }
 
+/// An HS256 token signed with `secret` for client `sub`, valid for an hour, with `extra`
+/// claims (a JSON object, e.g. `{"channels": […]}`) merged in.
+pub fn hs256_token(secret: &str, sub: &str, extra: Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+        + 3600;
+    let mut claims = serde_json::json!({"sub": sub, "exp": exp});
+    if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("an HS256 token")
+}
+
+/// Runs a one-shot publisher command (`publisher ARGS`) with `env` to completion, within
+/// [`TIMEOUT`]: (status, stdout, stderr).
+pub async fn publisher_cli(
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (std::process::ExitStatus, String, String) {
+    let child = publisher_command()
+        .envs(env.iter().copied())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn publisher-node");
+    let out = tokio::time::timeout(TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("publisher {args:?} did not finish"))
+        .expect("publisher output");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// [`publisher_command`], run inside `ns` when given (`ip netns exec` execs the program, so
 /// the child's pid is still the publisher's).
 fn publisher_command_in(ns: Option<&NetNs>) -> tokio::process::Command {
@@ -1366,6 +1410,53 @@ pub enum Received {
     Closed(Option<u16>),
 }
 
+/// What the WebSocket and SSE test clients share: a session's server frames, read one at a
+/// time. Bring it into scope (`use tests::Frames;`) to call its methods on either client.
+pub trait Frames: Send {
+    /// The next server frame; panics when the session ends first or nothing arrives within
+    /// [`TIMEOUT`].
+    fn next_frame(&mut self) -> impl std::future::Future<Output = Value> + Send;
+
+    /// The next frame, which must have this `type`.
+    fn expect_type(&mut self, kind: &str) -> impl std::future::Future<Output = Value> + Send {
+        async move {
+            let frame = self.next_frame().await;
+            assert_eq!(frame["type"], kind, "unexpected frame {frame}");
+            frame
+        }
+    }
+
+    /// Skip frames until one has this `type` (e.g. past ticks).
+    fn until_type(&mut self, kind: &str) -> impl std::future::Future<Output = Value> + Send {
+        async move {
+            loop {
+                let frame = self.next_frame().await;
+                if frame["type"] == kind {
+                    return frame;
+                }
+            }
+        }
+    }
+
+    /// Skip frames until a `message` on `channel`.
+    fn until_message(&mut self, channel: &str) -> impl std::future::Future<Output = Value> + Send {
+        async move {
+            loop {
+                let frame = self.next_frame().await;
+                if frame["type"] == "message" && frame["channel"] == channel {
+                    return frame;
+                }
+            }
+        }
+    }
+}
+
+impl Frames for WsClient {
+    fn next_frame(&mut self) -> impl std::future::Future<Output = Value> + Send {
+        self.frame()
+    }
+}
+
 impl WsClient {
     pub async fn connect(url: &str) -> WsClient {
         Self::connect_with(url, &[]).await
@@ -1455,33 +1546,6 @@ impl WsClient {
         match self.next().await {
             Received::Frame(v) => v,
             Received::Closed(code) => panic!("expected a frame, connection closed with {code:?}"),
-        }
-    }
-
-    /// The next frame, which must have this `type`.
-    pub async fn expect_type(&mut self, kind: &str) -> Value {
-        let frame = self.frame().await;
-        assert_eq!(frame["type"], kind, "unexpected frame {frame}");
-        frame
-    }
-
-    /// Skip frames until one has this `type` (e.g. past ticks).
-    pub async fn until_type(&mut self, kind: &str) -> Value {
-        loop {
-            let frame = self.frame().await;
-            if frame["type"] == kind {
-                return frame;
-            }
-        }
-    }
-
-    /// Skip frames until a `message` on `channel`.
-    pub async fn until_message(&mut self, channel: &str) -> Value {
-        loop {
-            let frame = self.frame().await;
-            if frame["type"] == "message" && frame["channel"] == channel {
-                return frame;
-            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! What operators see: metrics, health, HTTP errors, configuration errors.
 
 use serde_json::{json, Value};
+use tests::Frames;
 use tests::{
     free_port, http_exchange, http_get, http_request, run_gateway_to_exit, Cluster, WsClient,
 };

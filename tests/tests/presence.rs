@@ -3,15 +3,10 @@
 //! for the server API and its CLI, and WebSocket clients. Every wait is bounded by
 //! `tests::TIMEOUT` or a stated deadline; nothing sleeps where a condition can be awaited.
 
-use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tests::{
-    eventually, publisher_command, Cluster, GatewayNode, PublisherNode, RedisCluster, WsClient,
-    TIMEOUT,
-};
+use tests::{eventually, Cluster, GatewayNode, PublisherNode, RedisCluster, WsClient, TIMEOUT};
 
 const API_KEY: &str = "presence-test-key";
 const BEARER: &str = "Bearer presence-test-key";
@@ -121,23 +116,10 @@ async fn publisher(cluster: &Cluster) -> PublisherNode {
 
 /// Runs a one-shot publisher command on `redis_url`: (success, stdout).
 async fn cli(redis_url: &str, args: &[&str]) -> (bool, String) {
-    let child = publisher_command()
-        .env("PUBLISHER__REDIS__URL", redis_url)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn publisher-node");
-    let out = tokio::time::timeout(TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("publisher {args:?} did not finish"))
-        .expect("publisher output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() || !stderr.is_empty(), "{args:?}");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let (status, stdout, stderr) =
+        tests::publisher_cli(&[("PUBLISHER__REDIS__URL", redis_url)], args).await;
+    assert!(status.success() || !stderr.is_empty(), "{args:?}");
+    (status.success(), stdout)
 }
 
 // === presence across nodes ===
@@ -294,17 +276,7 @@ async fn a_control_message_addressed_to_one_node_acts_there_only() {
 // === who may ask ===
 
 fn token(sub: &str, channels: &[&str]) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp, "channels": channels}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    tests::hs256_token(SECRET, sub, json!({ "channels": channels }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

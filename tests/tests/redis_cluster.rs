@@ -3,6 +3,7 @@
 //! subscribed on its own shard only, and sessions live through a primary's death.
 
 use std::time::{Duration, Instant};
+use tests::Frames;
 
 use serde_json::json;
 use tests::{run_gateway_to_exit, GatewayNode, RedisCluster, WsClient, TIMEOUT};

@@ -3,9 +3,9 @@
 //! `Last-Event-ID`, and the limits, drain, auth and CORS of WebSocket sessions. Raw HTTP
 //! clients against real nodes and a real Redis.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use tests::Frames;
 
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tests::{
     eventually, http_exchange, publish, publish_in_background, redis, sse_post, stream_id, Cluster,
@@ -15,17 +15,7 @@ use tests::{
 const SECRET: &str = "sse-test-secret-0123456789abcdef0123";
 
 fn token(sub: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    tests::hs256_token(SECRET, sub, json!({}))
 }
 
 /// A publisher without ticks.
@@ -297,6 +287,28 @@ async fn with_auth_a_post_needs_the_sessions_own_token() {
     assert_eq!(client.until_type("pong").await["id"], "q");
 }
 
+/// Publish 32 KiB messages on `flood`, 50 at a time, until `done`; panics when that takes
+/// longer than three [`TIMEOUT`]s.
+async fn flood_until(cluster: &Cluster, what: &str, done: impl AsyncFn() -> bool) {
+    let mut conn = cluster.redis.connection().await;
+    let payload = format!("\"{}\"", "x".repeat(32 * 1024));
+    let deadline = tokio::time::Instant::now() + TIMEOUT * 3;
+    loop {
+        for _ in 0..50 {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("flood")
+                .arg(&payload)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        if done().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_sse_consumer_is_closed_with_4000_and_drain_closes_with_1001() {
     let mut cluster = Cluster::builder()
@@ -308,28 +320,12 @@ async fn a_slow_sse_consumer_is_closed_with_4000_and_drain_closes_with_1001() {
     let mut slow = welcomed(port, "channels=flood", &[]).await;
     let mut steady = welcomed(port, "channels=ticks", &[]).await;
     // `slow` reads nothing while the flood fills its socket, then its queue.
-    let mut conn = cluster.redis.connection().await;
-    let payload = format!("\"{}\"", "x".repeat(32 * 1024));
     let node = &cluster.nodes[0];
-    let deadline = tokio::time::Instant::now() + TIMEOUT * 3;
-    loop {
-        for _ in 0..50 {
-            let _: i64 = redis::cmd("PUBLISH")
-                .arg("flood")
-                .arg(&payload)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
+    flood_until(&cluster, "the slow SSE consumer cut off", async || {
         let m = node.metrics().await;
-        if m.get(r#"gateway_disconnects_total{reason="slow_consumer",transport="sse"}"#) >= 1.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slow SSE consumer was never cut off"
-        );
-    }
+        m.get(r#"gateway_disconnects_total{reason="slow_consumer",transport="sse"}"#) >= 1.0
+    })
+    .await;
     // Reading again, it finds what was written, then the close event with 4000.
     assert_eq!(slow.expect_close().await["code"], 4000);
 
@@ -475,28 +471,11 @@ async fn a_stream_written_to_a_client_that_stopped_reading_is_dropped_after_its_
     let before = fds().await;
 
     let _slow = welcomed(node.port, "channels=flood", &[]).await;
-    let mut conn = cluster.redis.connection().await;
-    let payload = format!("\"{}\"", "x".repeat(32 * 1024));
-    let deadline = tokio::time::Instant::now() + TIMEOUT * 3;
-    loop {
-        for _ in 0..50 {
-            let _: i64 = redis::cmd("PUBLISH")
-                .arg("flood")
-                .arg(&payload)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-        if node
-            .metrics()
-            .await
-            .get(r#"gateway_connections{transport="sse"}"#)
-            == 0.0
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never cut off");
-    }
+    flood_until(&cluster, "the SSE session cut off", async || {
+        let m = node.metrics().await;
+        m.get(r#"gateway_connections{transport="sse"}"#) == 0.0
+    })
+    .await;
     // The session ended (4000), but its close event cannot be written to a client that reads
     // nothing. The connection is not kept forever: once the session gave up on the close
     // event (5 s), the stream ends and hyper, waiting for the next request's head, drops the
