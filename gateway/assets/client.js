@@ -20,6 +20,8 @@
 // opened (a proxy that refuses the upgrade), falls back to SSE for the rest of the client's
 // life; `"ws"` or `"sse"` pins one. `client.transport` says which is in use.
 //   await client.publish("chat:lobby", { text: "hi" });
+//   const members = await client.presence("chat:lobby"); // [{client_id, session, node}, …]
+//   client.onJoin(({ channel, client_id }) => …); client.onLeave(…);
 
 /** Close codes after which the client stays closed (docs/REFERENCE.md §2). */
 const NO_RECONNECT = new Map([
@@ -31,6 +33,7 @@ const NO_RECONNECT = new Map([
   [4400, "bad request (client_id or query)"],
   [4401, "missing, bad or expired token"],
   [4403, "origin not allowed"],
+  [4409, "disconnected by the server"],
 ]);
 
 /** Close codes after which the client reconnects with backoff; any code not listed anywhere
@@ -241,6 +244,15 @@ export class GatewayClient {
     return this._request({ type: "publish", channel: String(channel), data }, { queue: true });
   }
 
+  /**
+   * Who is in the presence channel `channel` (docs/REFERENCE.md §8): resolves with the list
+   * of `{client_id, session, node}`, one per session, on every node; rejects with the `error`
+   * frame's code (`forbidden` when not subscribed, `not_presence` for another channel).
+   */
+  presence(channel) {
+    return quiet(this._request({ type: "presence", channel: String(channel) }).then((frame) => frame.clients || []));
+  }
+
   /** Application-level ping (not needed for liveness: the server pings at the WebSocket level). */
   ping() {
     return this._request({ type: "ping" });
@@ -271,6 +283,14 @@ export class GatewayClient {
   onError(fn) {
     return this.addListener("error", fn);
   }
+  /** `fn(frame)` with `{channel, client_id, session}` when a session joins a presence channel this client is in. */
+  onJoin(fn) {
+    return this.addListener("join", fn);
+  }
+  /** `fn(frame)` with `{channel, client_id, session}` when a session leaves a presence channel this client is in. */
+  onLeave(fn) {
+    return this.addListener("leave", fn);
+  }
   /** `fn({channel, frame})` when the gateway cannot replay from the stored offset: reload that channel's state. */
   onHistoryGone(fn) {
     return this.addListener("history_gone", fn);
@@ -281,7 +301,7 @@ export class GatewayClient {
     return this.addListener("transport", fn);
   }
 
-  /** Generic events: state, welcome, error, history_gone, message, frame, transport. Returns a remover. */
+  /** Generic events: state, welcome, error, history_gone, join, leave, message, frame, transport. Returns a remover. */
   addListener(event, fn) {
     return addTo(this.listeners, event, fn);
   }
@@ -445,7 +465,11 @@ export class GatewayClient {
         this.publishAcks = true;
         return this._resolve(frame);
       case "refreshed":
+      case "presence":
         return this._resolve(frame);
+      case "join":
+      case "leave":
+        return this._emit(frame.type, frame);
       case "error":
         return this._onErrorFrame(frame);
       default:

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::protocol::Offset;
+use crate::protocol::{ClientInfo, Offset};
+pub use redis::presence::{ChannelWrite, WriteOutcome};
+pub use redis::ControlSink;
 
 /// Why a publish failed.
 #[derive(Debug, thiserror::Error)]
@@ -167,8 +169,54 @@ impl Bus {
         }
     }
 
+    /// Apply presence changes in Redis (docs/REFERENCE.md §8); nothing to do on the memory
+    /// bus, where the node's own entries are the whole presence.
+    pub async fn presence_write(
+        &self,
+        writes: Vec<ChannelWrite>,
+        ttl_ms: u64,
+    ) -> Result<WriteOutcome, BusError> {
+        match self {
+            Bus::Memory(_) => Ok(WriteOutcome::default()),
+            Bus::Redis(bus) => bus.presence_write(writes, ttl_ms).await,
+        }
+    }
+
+    /// `channel`'s presence entries on every node and how many expired ones were pruned; None
+    /// on the memory bus (the node's own entries are all there is).
+    pub async fn presence_read(
+        &self,
+        channel: &str,
+    ) -> Result<Option<(u64, Vec<ClientInfo>)>, BusError> {
+        match self {
+            Bus::Memory(_) => Ok(None),
+            Bus::Redis(bus) => bus.presence_read(channel).await.map(Some),
+        }
+    }
+
+    /// Send a `join`/`leave` frame to `channel`'s subscribers on every node.
+    pub async fn publish_event(&self, channel: &str, frame: &str) -> Result<(), BusError> {
+        match self {
+            Bus::Memory(bus) => {
+                bus.publish_event(channel, frame);
+                Ok(())
+            }
+            Bus::Redis(bus) => bus.publish_event(channel, frame).await,
+        }
+    }
+
+    /// Receive the node's control channel (`protocol::CONTROL_CHANNEL`) into `sink`, from now
+    /// on and after every reconnect. The memory bus has no other node and no server API to
+    /// hear from: nothing arrives.
+    pub fn on_control(&self, sink: ControlSink) {
+        match self {
+            Bus::Memory(_) => {}
+            Bus::Redis(bus) => bus.on_control(sink),
+        }
+    }
+
     /// Whether the node can do its job: the pub/sub connection is up and every wanted channel
-    /// is live.
+    /// (the control channel included) is live.
     pub fn is_ready(&self) -> bool {
         match self {
             Bus::Memory(_) => true,

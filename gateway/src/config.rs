@@ -19,6 +19,7 @@ const LIST_KEYS: &[&str] = &[
     "default_channels",
     "auth.secrets",
     "redis.cluster_nodes",
+    "presence_channels",
 ];
 
 /// A list key's environment value: a JSON array of strings when it starts with `[` (so that
@@ -87,6 +88,9 @@ pub struct Config {
     pub limits: Limits,
     pub heartbeat: Heartbeat,
     pub history: HistoryConfig,
+    /// Channel patterns whose subscribers the cluster keeps presence of (docs/REFERENCE.md §8).
+    pub presence_channels: Vec<String>,
+    pub presence: PresenceConfig,
     /// How long shutdown waits for sessions to close.
     pub drain_timeout_ms: u64,
 }
@@ -103,6 +107,26 @@ pub struct HistoryConfig {
 impl Default for HistoryConfig {
     fn default() -> Self {
         HistoryConfig { max_replay: 1000 }
+    }
+}
+
+/// Presence (docs/REFERENCE.md §8).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// How long an entry lives in Redis unless its node refreshes it (every third of this):
+    /// the entries of a node that died vanish within this long.
+    pub ttl_ms: u64,
+    /// Send `join` and `leave` frames to a presence channel's subscribers.
+    pub join_leave: bool,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            ttl_ms: 30_000,
+            join_leave: true,
+        }
     }
 }
 
@@ -239,6 +263,8 @@ impl Default for Config {
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
             history: HistoryConfig::default(),
+            presence_channels: vec!["chat:*".into()],
+            presence: PresenceConfig::default(),
             drain_timeout_ms: 10_000,
         }
     }
@@ -358,12 +384,11 @@ impl Config {
             }
             redis_url("redis.cluster_nodes", url)?;
         }
-        if self.redis.read_from == ReadFrom::Replica {
-            // The redis crate's cluster client sends SSUBSCRIBE to the primary whatever its
-            // read routing; subscribing on replicas needs routing the crate does not offer yet.
+        if self.redis.read_from == ReadFrom::Replica && !self.redis.is_cluster() {
             return Err(invalid(
                 "redis.read_from",
-                "`replica` is not supported yet: the node subscribes on each shard's primary",
+                "`replica` applies to a Redis Cluster (`redis.cluster_nodes`); a standalone \
+                 node subscribes on `redis.url`",
             ));
         }
         if self.redis.is_cluster() && self.ticks == Some(true) {
@@ -406,6 +431,21 @@ impl Config {
                     format!("`{pattern}` is not a channel pattern"),
                 ));
             }
+        }
+        for pattern in &self.presence_channels {
+            if !protocol::valid_pattern(pattern) {
+                return Err(invalid(
+                    "presence_channels",
+                    format!("`{pattern}` is not a channel pattern"),
+                ));
+            }
+        }
+        // Refreshed every third of it: room for a slow round trip, and not a busy loop.
+        if !(300..=3_600_000).contains(&self.presence.ttl_ms) {
+            return Err(invalid(
+                "presence.ttl_ms",
+                "must be between 300 and 3600000",
+            ));
         }
         for channel in &self.default_channels {
             if !protocol::valid_channel(channel) {
@@ -688,6 +728,30 @@ mod tests {
         let c = Config::load_from_env(Some(&file), &[], env(&[])).unwrap();
         assert_eq!(c.limits.publish_burst, 40);
         assert_eq!(c.heartbeat.ping_timeout_ms, 60_000);
+        assert_eq!(c.presence_channels, vec!["chat:*"]);
+        assert_eq!(c.presence.ttl_ms, 30_000);
+    }
+
+    #[test]
+    fn presence_keys_are_validated() {
+        let c = Config::load_from_env(
+            None,
+            &[],
+            env(&[("GATEWAY__PRESENCE_CHANNELS", "chat:*,room:*")]),
+        )
+        .unwrap();
+        assert_eq!(c.presence_channels, vec!["chat:*", "room:*"]);
+        for (var, value, key) in [
+            (
+                "GATEWAY__PRESENCE_CHANNELS",
+                "bad pattern",
+                "presence_channels",
+            ),
+            ("GATEWAY__PRESENCE__TTL_MS", "10", "presence.ttl_ms"),
+        ] {
+            let e = Config::load_from_env(None, &[], env(&[(var, value)])).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -139,22 +139,6 @@ impl Hub {
     }
 
     pub fn subscribe(&self, channel: &str, session: SessionId, outbox: &Arc<Outbox>) -> Subscribed {
-        self.add(channel, session, outbox, true)
-    }
-
-    /// Subscribe one of the node's own consumers (not a session: not counted in
-    /// `gateway_subscriptions`), e.g. the SSE relay on its forwarding channel.
-    pub fn subscribe_node(&self, channel: &str, id: SessionId, outbox: &Arc<Outbox>) -> Subscribed {
-        self.add(channel, id, outbox, false)
-    }
-
-    fn add(
-        &self,
-        channel: &str,
-        session: SessionId,
-        outbox: &Arc<Outbox>,
-        counted: bool,
-    ) -> Subscribed {
         let mut shard = Self::write(self.shard(channel));
         let result = match shard.get_mut(channel) {
             Some(subs) if subs.iter().any(|(id, _)| *id == session) => Subscribed::Already,
@@ -167,22 +151,13 @@ impl Hub {
                 Subscribed::First
             }
         };
-        if counted && result != Subscribed::Already {
+        if result != Subscribed::Already {
             self.metrics.subscriptions.inc();
         }
         result
     }
 
     pub fn unsubscribe(&self, channel: &str, session: SessionId) -> Unsubscribed {
-        self.remove(channel, session, true)
-    }
-
-    /// Undo [`Hub::subscribe_node`].
-    pub fn unsubscribe_node(&self, channel: &str, id: SessionId) -> Unsubscribed {
-        self.remove(channel, id, false)
-    }
-
-    fn remove(&self, channel: &str, session: SessionId, counted: bool) -> Unsubscribed {
         let mut shard = Self::write(self.shard(channel));
         let Some(subs) = shard.get_mut(channel) else {
             return Unsubscribed::NotSubscribed;
@@ -191,9 +166,7 @@ impl Hub {
             return Unsubscribed::NotSubscribed;
         };
         subs.swap_remove(i);
-        if counted {
-            self.metrics.subscriptions.dec();
-        }
+        self.metrics.subscriptions.dec();
         if subs.is_empty() {
             shard.remove(channel);
             Unsubscribed::Last
@@ -204,6 +177,15 @@ impl Hub {
 
     pub fn has_subscribers(&self, channel: &str) -> bool {
         Self::read(self.shard(channel)).contains_key(channel)
+    }
+
+    /// The local subscribers of `channel` (e.g. a personal channel: every session of one
+    /// client on this node).
+    pub fn subscribers(&self, channel: &str) -> Vec<(SessionId, Arc<Outbox>)> {
+        Self::read(self.shard(channel))
+            .get(channel)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Every channel with at least one local subscriber (for resubscription after a reconnect).

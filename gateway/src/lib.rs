@@ -16,6 +16,10 @@
 //! - [`outbox`]: a session's outbound queue, bounded in bytes.
 //! - [`hub`]: channel → local subscribers; builds each message frame once and fans it out.
 //! - [`bus`]: Redis pub/sub (or the in-process memory bus): subscribe, resubscribe, reconnect.
+//! - [`presence`]: who is in a presence channel: the node's entries, their writes and
+//!   refresh in Redis, `join`/`leave` events.
+//! - [`control`]: the node-level control channel (the server API's disconnect and
+//!   unsubscribe; messages addressed to every node or to one).
 //! - [`protocol`]: client and server frames, close codes, channel names and patterns.
 //! - [`origin`]: the browser Origin allowlist.
 //! - [`auth`]: JWT verification and what a token allows.
@@ -29,12 +33,14 @@ pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod hub;
 pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
 pub mod relay;
 pub mod request;

@@ -30,6 +30,32 @@ pub struct Metrics {
     pub redis_shards: IntGauge,
     /// Cluster mode: channel subscriptions made again, by `resubscribe_reason`.
     pub redis_resubscribes: IntCounterVec,
+    /// Presence entries this node holds for its sessions (and refreshes).
+    pub presence_entries: IntGauge,
+    /// Presence entries written to Redis: joins and refreshes.
+    pub presence_written: IntCounter,
+    /// Presence entries removed from Redis, by `presence_removal`.
+    pub presence_removed: IntCounterVec,
+    /// `join`/`leave` events not sent because the node's bounded event queue was full.
+    pub presence_events_dropped: IntCounter,
+    /// Control messages received (docs/REFERENCE.md §8), by `control_kind`.
+    pub control_messages: IntCounterVec,
+}
+
+/// `gateway_presence_entries_removed_total{reason}`: a session left (unsubscribed or
+/// closed), or an entry whose node stopped refreshing it expired and was pruned.
+pub mod presence_removal {
+    pub const LEAVE: &str = "leave";
+    pub const EXPIRED: &str = "expired";
+    pub const ALL: [&str; 2] = [LEAVE, EXPIRED];
+}
+
+/// `gateway_control_messages_total{kind}`: the control message kinds (`control.rs`), and
+/// `invalid` for one that did not parse.
+pub mod control_kind {
+    pub const INVALID: &str = "invalid";
+    /// Not handled: the node's control queue was full.
+    pub const DROPPED: &str = "dropped";
 }
 
 /// Values of the `transport` label of the session counts (`gateway_connections`,
@@ -65,9 +91,14 @@ pub mod reason {
     pub const IO_ERROR: &str = "io_error";
     /// `gateway_messages_dropped_total` only: frames still queued when their session ended.
     pub const SESSION_CLOSED: &str = "session_closed";
+    /// Closed by the server API's `POST /disconnect` (4409).
+    pub const DISCONNECTED: &str = "disconnected";
+    /// `gateway_messages_dropped_total` only: a message with history that arrived from Redis
+    /// again (an offset the node had already delivered), not delivered twice.
+    pub const DUPLICATE: &str = "duplicate";
 
     /// Every reason of `gateway_disconnects_total`.
-    pub const DISCONNECTS: [&str; 16] = [
+    pub const DISCONNECTS: [&str; 17] = [
         CLIENT_CLOSE,
         SHUTDOWN,
         SLOW_CONSUMER,
@@ -84,6 +115,7 @@ pub mod reason {
         BAD_REQUEST,
         ORIGIN_FORBIDDEN,
         IO_ERROR,
+        DISCONNECTED,
     ];
 }
 
@@ -95,9 +127,18 @@ pub mod frame_type {
     pub const PUBLISH: &str = "publish";
     pub const PING: &str = "ping";
     pub const REFRESH: &str = "refresh";
+    pub const PRESENCE: &str = "presence";
     pub const INVALID: &str = "invalid";
 
-    pub const ALL: [&str; 6] = [SUBSCRIBE, UNSUBSCRIBE, PUBLISH, PING, REFRESH, INVALID];
+    pub const ALL: [&str; 7] = [
+        SUBSCRIBE,
+        UNSUBSCRIBE,
+        PUBLISH,
+        PING,
+        REFRESH,
+        PRESENCE,
+        INVALID,
+    ];
 }
 
 /// `gateway_redis_resubscribes_total{reason}` values: after the node's own reconnect, after a
@@ -172,6 +213,37 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap(),
+            presence_entries: IntGauge::new(
+                "gateway_presence_entries",
+                "Presence entries this node holds for its sessions and refreshes",
+            )
+            .unwrap(),
+            presence_written: IntCounter::new(
+                "gateway_presence_entries_written_total",
+                "Presence entries written to Redis (joins and refreshes)",
+            )
+            .unwrap(),
+            presence_removed: IntCounterVec::new(
+                Opts::new(
+                    "gateway_presence_entries_removed_total",
+                    "Presence entries removed from Redis, by reason",
+                ),
+                &["reason"],
+            )
+            .unwrap(),
+            presence_events_dropped: IntCounter::new(
+                "gateway_presence_events_dropped_total",
+                "join/leave events not sent: the node's event queue was full",
+            )
+            .unwrap(),
+            control_messages: IntCounterVec::new(
+                Opts::new(
+                    "gateway_control_messages_total",
+                    "Control messages received from the server API, by kind",
+                ),
+                &["kind"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -189,6 +261,11 @@ impl Metrics {
             Box::new(m.redis_reconnects.clone()),
             Box::new(m.redis_shards.clone()),
             Box::new(m.redis_resubscribes.clone()),
+            Box::new(m.presence_entries.clone()),
+            Box::new(m.presence_written.clone()),
+            Box::new(m.presence_removed.clone()),
+            Box::new(m.presence_events_dropped.clone()),
+            Box::new(m.control_messages.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for c in collectors {
@@ -196,7 +273,11 @@ impl Metrics {
         }
         // Every known label value exists from the start, at zero (as Prometheus recommends),
         // so that rate() and alerts see a series before its first event.
-        for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {
+        for r in [
+            reason::SLOW_CONSUMER,
+            reason::SESSION_CLOSED,
+            reason::DUPLICATE,
+        ] {
             m.messages_dropped.with_label_values(&[r]);
         }
         for t in transport::ALL {
@@ -212,6 +293,12 @@ impl Metrics {
         for r in resubscribe_reason::ALL {
             m.redis_resubscribes.with_label_values(&[r]);
         }
+        for r in presence_removal::ALL {
+            m.presence_removed.with_label_values(&[r]);
+        }
+        // The control kinds themselves are `control.rs`'s: it registers them when it starts.
+        m.control_messages
+            .with_label_values(&[control_kind::INVALID]);
         m
     }
 
@@ -250,7 +337,11 @@ mod tests {
             let series = format!("gateway_connections{{transport=\"{t}\"}} 0");
             assert!(text.contains(&series), "missing {series}");
         }
-        for r in [reason::SLOW_CONSUMER, reason::SESSION_CLOSED] {
+        for r in [
+            reason::SLOW_CONSUMER,
+            reason::SESSION_CLOSED,
+            reason::DUPLICATE,
+        ] {
             let series = format!("gateway_messages_dropped_total{{reason=\"{r}\"}} 0");
             assert!(text.contains(&series), "missing {series}");
         }

@@ -1,6 +1,8 @@
 //! The node's shared state, as sessions and handlers see it: configuration, the hub and the
-//! bus, metrics, token verification, the registry of session outboxes the node signals
-//! (shutdown, heartbeat), the SSE relay, and the connection limits. `server` builds it and drives the drain;
+//! bus, presence, metrics, token verification, the registry of session outboxes the node
+//! signals (shutdown, heartbeat, commands), the commands queued for sessions (the server API's
+//! disconnect and unsubscribe, from `control`), the SSE relay, and the connection limits.
+//! `server` builds it and drives the drain;
 //! `session` uses it; neither imports the other.
 
 use std::collections::HashMap;
@@ -16,8 +18,22 @@ use crate::config::Config;
 use crate::hub::{Hub, SessionId};
 use crate::metrics::{reason, Metrics};
 use crate::outbox::{signal, Outbox};
-use crate::protocol::close;
+use crate::presence::Presence;
+use crate::protocol::{self, close};
 use crate::relay::Relay;
+
+/// Commands a session queued at most; more are dropped (a session that does not take them is
+/// stuck writing to a client that does not read, and the heartbeat will close it).
+const MAX_COMMANDS: usize = 64;
+
+/// Something the node asks of one session, delivered with `signal::COMMAND`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCommand {
+    /// Close with 4409: disconnected by the server API.
+    Disconnect,
+    /// Leave this channel and tell the client `unsubscribed`.
+    Unsubscribe(Box<str>),
+}
 
 /// One shard of the node's session registry.
 type SessionShard = HashMap<SessionId, Arc<Outbox>>;
@@ -28,6 +44,7 @@ pub struct Node {
     pub node_name: String,
     pub hub: Arc<Hub>,
     pub bus: Bus,
+    pub presence: Arc<Presence>,
     pub metrics: Metrics,
     /// Token verification; None = auth off.
     pub verifier: Option<Verifier>,
@@ -37,6 +54,9 @@ pub struct Node {
     /// wait only on their own outbox, never on something shared with every other session.
     /// Sharded std Mutexes, held for an insert, a remove, or one pass of signals.
     sessions: Box<[Mutex<SessionShard>]>,
+    /// Commands waiting for their sessions. A std Mutex held for one push or take; a session
+    /// has an entry only while a command waits, and its entry goes when it unregisters.
+    commands: Mutex<HashMap<SessionId, Vec<SessionCommand>>>,
     /// Sessions in flight, for the bounded drain.
     tracker: TaskTracker,
     /// Set at shutdown: `/readyz` answers 503, upgrades are refused.
@@ -97,13 +117,22 @@ impl Node {
         verifier: Option<Verifier>,
         index_page: String,
     ) -> Node {
+        // Its writer task is the server's to run (`Presence::run`).
+        let presence = Arc::new(Presence::new(
+            &config,
+            &node_name,
+            bus.clone(),
+            metrics.clone(),
+        ));
         Node {
-            relay: Arc::new(Relay::new(node_name.clone(), bus.clone(), hub.clone())),
+            relay: Arc::new(Relay::new(node_name.clone(), bus.clone())),
             node_name,
             config,
             hub,
             bus,
+            presence,
             metrics,
+            commands: Mutex::new(HashMap::new()),
             verifier,
             sessions: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
             tracker: TaskTracker::new(),
@@ -208,6 +237,45 @@ impl Node {
 
     pub fn unregister(&self, id: SessionId) {
         self.sessions_shard(id).remove(&id);
+        self.lock_commands().remove(&id);
+    }
+
+    fn lock_commands(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Vec<SessionCommand>>> {
+        // Poisoning: the critical sections only push, take or remove.
+        self.commands.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue `command` for every session of `client_id` on this node (found through its
+    /// personal channel, to which each of them is subscribed) and signal them. Returns how
+    /// many sessions were told.
+    pub fn command_client(&self, client_id: &str, command: SessionCommand) -> usize {
+        let sessions = self.hub.subscribers(&protocol::personal_channel(client_id));
+        for (id, outbox) in &sessions {
+            let mut commands = self.lock_commands();
+            let queued = commands.entry(*id).or_default();
+            if queued.len() < MAX_COMMANDS && !queued.contains(&command) {
+                queued.push(command.clone());
+            }
+            drop(commands);
+            outbox.signal(signal::COMMAND);
+        }
+        sessions.len()
+    }
+
+    /// Give back commands a session could not act on yet, ahead of any queued since.
+    pub fn requeue_commands(&self, id: SessionId, mut commands: Vec<SessionCommand>) {
+        if commands.is_empty() {
+            return;
+        }
+        let mut all = self.lock_commands();
+        let queued = all.entry(id).or_default();
+        commands.append(queued);
+        *queued = commands;
+    }
+
+    /// The commands queued for session `id`, in order.
+    pub fn take_commands(&self, id: SessionId) -> Vec<SessionCommand> {
+        self.lock_commands().remove(&id).unwrap_or_default()
     }
 
     /// Send `bits` (`outbox::signal::*`) to every session.

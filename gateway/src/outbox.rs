@@ -120,6 +120,9 @@ pub mod signal {
     pub const SHUTDOWN: u8 = 1 << 0;
     /// Heartbeat tick: ping the client, or close with 4001 if it has been silent too long.
     pub const BEAT: u8 = 1 << 1;
+    /// The node queued commands for the session (`Node::take_commands`): a disconnect or an
+    /// unsubscribe from the server API.
+    pub const COMMAND: u8 = 1 << 2;
 }
 
 /// Flag bits in `Outbox::wake`: why the session was woken.
@@ -372,6 +375,12 @@ impl Outbox {
     pub fn signal(&self, bits: u8) {
         self.signals.fetch_or(bits, Ordering::AcqRel);
         self.wake(READY | ABORT);
+    }
+
+    /// Give back signals taken but not acted on yet, without a wake-up: the session sees them
+    /// at its next `take_signals` (the wake-up that delivered them is still pending).
+    pub fn restore_signals(&self, bits: u8) {
+        self.signals.fetch_or(bits, Ordering::AcqRel);
     }
 
     /// Take the signals delivered since the last call.

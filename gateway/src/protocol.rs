@@ -16,6 +16,12 @@ pub const MAX_CHANNEL_LEN: usize = 128;
 /// Prefix of every client's personal channel.
 pub const PERSONAL_PREFIX: &str = "user:";
 
+/// The node-level control channel (`control.rs`; with `redis.prefix` in front on Redis): the
+/// server API's disconnects and unsubscribes reach every node on it. Its `#` is outside the
+/// channel-name charset, so no client can subscribe or publish to it, and no publisher API
+/// accepts it.
+pub const CONTROL_CHANNEL: &str = "#control";
+
 // === close codes ===
 
 /// WebSocket close codes the gateway uses (docs/REFERENCE.md §2 table).
@@ -35,6 +41,9 @@ pub mod close {
     pub const BAD_REQUEST: u16 = 4400;
     pub const UNAUTHORIZED: u16 = 4401;
     pub const FORBIDDEN_ORIGIN: u16 = 4403;
+    /// Disconnected by the server API (`POST /disconnect`): the client must not reconnect on
+    /// its own.
+    pub const DISCONNECTED: u16 = 4409;
 }
 
 // === channel names and patterns ===
@@ -229,6 +238,11 @@ pub enum ClientFrame<'a> {
         token: String,
         id: Option<&'a RawValue>,
     },
+    /// Who is subscribed to a presence channel, on every node.
+    Presence {
+        channel: String,
+        id: Option<&'a RawValue>,
+    },
 }
 
 /// Why a client frame was refused. Each maps to an `error` frame code.
@@ -327,6 +341,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
             id: raw.id,
         }),
         "ping" => Ok(ClientFrame::Ping { id: raw.id }),
+        "presence" => Ok(ClientFrame::Presence {
+            channel: channel()?,
+            id: raw.id,
+        }),
         "refresh" => Ok(ClientFrame::Refresh {
             token: raw.token.ok_or(FrameError::MissingField("token"))?,
             id: raw.id,
@@ -429,6 +447,42 @@ pub fn published_frame(channel: &str, id: Option<&RawValue>) -> String {
     ack_frame("published", channel, id)
 }
 
+/// One presence entry: a session subscribed to a presence channel, on some node
+/// (docs/REFERENCE.md §8). Stored in Redis as this JSON; listed in `presence` frames and by
+/// the server API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub client_id: String,
+    pub session: String,
+    pub node: String,
+}
+
+/// `{"type":"presence","channel":…,"clients":[…],"id":…}`.
+pub fn presence_frame(channel: &str, clients: &[ClientInfo], id: Option<&RawValue>) -> String {
+    let mut out = String::from(r#"{"type":"presence","channel":"#);
+    push_json_str(&mut out, channel);
+    out.push_str(r#","clients":"#);
+    out.push_str(&serde_json::to_string(clients).unwrap_or_else(|_| "[]".into()));
+    push_id(&mut out, id);
+    out.push('}');
+    out
+}
+
+/// `{"type":"join"|"leave","channel":…,"client_id":…,"session":…}`: a session subscribed to
+/// or left a presence channel.
+pub fn presence_event_frame(kind: &str, channel: &str, client_id: &str, session: &str) -> String {
+    let mut out = String::from(r#"{"type":"#);
+    push_json_str(&mut out, kind);
+    out.push_str(r#","channel":"#);
+    push_json_str(&mut out, channel);
+    out.push_str(r#","client_id":"#);
+    push_json_str(&mut out, client_id);
+    out.push_str(r#","session":"#);
+    push_json_str(&mut out, session);
+    out.push('}');
+    out
+}
+
 /// `{"type":"error","code":…,"message":…,"id":…}`; `channel` is added when the error is about
 /// one channel.
 pub fn error_frame(
@@ -453,6 +507,35 @@ pub fn error_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_control_channel_is_not_a_channel_name() {
+        assert!(!valid_channel(CONTROL_CHANNEL));
+        assert!(matches!(
+            parse_client_frame(r##"{"type":"subscribe","channel":"#control"}"##),
+            Err(FrameError::BadChannel(_))
+        ));
+    }
+
+    #[test]
+    fn presence_frames() {
+        let frame = parse_client_frame(r#"{"type":"presence","channel":"chat:a","id":3}"#);
+        assert!(matches!(frame, Ok(ClientFrame::Presence { channel, .. }) if channel == "chat:a"));
+        let clients = vec![ClientInfo {
+            client_id: "a\"b".into(),
+            session: "s".into(),
+            node: "gw-1".into(),
+        }];
+        let id = serde_json::from_str::<&RawValue>("3").unwrap();
+        let text = presence_frame("chat:a", &clients, Some(id));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["clients"][0]["client_id"], "a\"b");
+        assert_eq!(v["id"], 3);
+        let v: serde_json::Value =
+            serde_json::from_str(&presence_event_frame("join", "chat:a", "x", "s1")).unwrap();
+        assert_eq!(v["type"], "join");
+        assert_eq!(v["session"], "s1");
+    }
 
     #[test]
     fn channel_names() {

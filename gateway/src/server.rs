@@ -23,7 +23,7 @@ use crate::outbox::signal;
 use crate::protocol::close;
 use crate::request::{self, error, query_problem, ConnectQuery};
 use crate::upgrade::{self, Upgrade};
-use crate::{accept, origin, session, sse, ticker};
+use crate::{accept, control, origin, session, sse, ticker};
 
 /// Size of tungstenite's read buffer per connection, allocated up front and kept for the
 /// connection's life. Client frames are rare and small (a subscribe is ~60 bytes): a frame
@@ -65,6 +65,9 @@ pub async fn run(
     let node = Arc::new(Node::new(
         config, node_name, hub, bus, metrics, verifier, index_page,
     ));
+    // Stopped with the bus, after the drain: it writes the drained sessions' leaves first.
+    let presence_writer = tokio::spawn(node.presence.clone().run(background.clone()));
+    control::start(&node, background.clone());
     tokio::spawn(node.relay.clone().run(background.clone()));
     tracing::info!(
         node = %node.node_name,
@@ -117,6 +120,9 @@ pub async fn run(
         tracing::info!(closed = open, "drained");
     }
     background.cancel();
+    // Bounded (the writer gives its last write two seconds): the drained sessions' presence
+    // entries leave Redis now rather than when they expire.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), presence_writer).await;
     if let Some(ticks) = ticks {
         // Bounded: a held tick lease is released within its own deadline (a third of its TTL),
         // so the next ticker takes over at once instead of after the TTL.

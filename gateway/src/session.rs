@@ -28,7 +28,7 @@ use crate::auth::{self, Grant, Permissions};
 use crate::bus::{BusError, History, Live};
 use crate::hub::{SessionId, Subscribed, Unsubscribed};
 use crate::metrics::{frame_type, reason};
-use crate::node::Node;
+use crate::node::{Node, SessionCommand};
 use crate::outbox::{signal, Frame, Outbox};
 use crate::protocol::{self, close, ClientFrame, Offset};
 use transport::{End, Inbound, Transport};
@@ -94,6 +94,7 @@ impl Bucket {
 struct Session {
     node: Arc<Node>,
     id: SessionId,
+    uuid: uuid::Uuid,
     /// `user:<client_id>`; the client id is its suffix.
     personal: Box<str>,
     outbox: Arc<Outbox>,
@@ -129,8 +130,6 @@ struct Pending {
 
 /// The welcome frame and what follows it, held until the connect-time channels are live.
 struct Welcome {
-    /// The session's id, told to the client here only (a session keeps no copy).
-    uuid: uuid::Uuid,
     joined: Vec<String>,
     refused: Vec<(String, (&'static str, String))>,
     since: Option<Box<str>>,
@@ -170,24 +169,26 @@ struct Watermark {
 /// Run a session to its end on transport `t`. Called by the upgrade handler (WebSocket) or
 /// the `/sse` handler; returns when the connection is done.
 ///
-/// `params` is boxed: each async function keeps its arguments in its future for the whole
-/// connection, and idle memory per session is a budget.
-pub async fn run<T: Transport>(t: T, node: Arc<Node>, params: Box<Params>) {
+/// `params` is boxed, and this is not an `async fn`: each async function keeps its arguments
+/// in its future for the whole connection, and idle memory per session is a budget.
+pub fn run<T: Transport>(
+    t: T,
+    node: Arc<Node>,
+    params: Box<Params>,
+) -> impl Future<Output = ()> + Send {
     // Debug level: an enabled span costs a few hundred bytes per session, so it exists only
     // when someone asks for session logs (RUST_LOG=gateway=debug).
     let span = tracing::debug_span!("session", client_id = %params.client_id, peer = %params.peer, transport = T::KIND);
     if span.is_disabled() {
         // Skip the span's enter/exit on every poll when nobody listens, and keep no span in
         // every session's future.
-        drop(span);
-        run_session(t, node, params).await
+        futures_util::future::Either::Left(run_session(t, node, params))
     } else {
-        // Boxed: otherwise every session's future would hold room for both branches.
-        Box::pin(tracing::Instrument::instrument(
+        // Boxed: otherwise every session's future would hold room for the span.
+        futures_util::future::Either::Right(Box::pin(tracing::Instrument::instrument(
             run_session(t, node, params),
             span,
-        ))
-        .await
+        )))
     }
 }
 
@@ -251,6 +252,7 @@ async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Box<Params
     };
     let mut session = Session {
         id: node.next_session_id(),
+        uuid,
         personal: protocol::personal_channel(&client_id).into_boxed_str(),
         outbox: t.outbox().clone(),
         channels: Vec::new(),
@@ -262,10 +264,10 @@ async fn run_session<T: Transport>(mut t: T, node: Arc<Node>, params: Box<Params
         pending: None,
         node,
     };
-    tracing::debug!(session = %uuid, "session open");
+    tracing::debug!(session = %session.uuid, "session open");
     session.node.register(session.id, &session.outbox);
     drop(client_id);
-    let end = match Box::pin(session.open(&mut t, uuid, channels, since)).await {
+    let end = match Box::pin(session.open(&mut t, channels, since)).await {
         Ok(()) => session.serve(&mut t).await,
         Err(end) => end,
     };
@@ -307,6 +309,7 @@ fn close_text(why: &'static str) -> &'static str {
         reason::MAX_CONNECTIONS => "node is at limits.max_connections",
         reason::MAX_CONNECTIONS_PER_IP => "too many connections from this address",
         reason::TOKEN_EXPIRED => "token expired",
+        reason::DISCONNECTED => "disconnected by the server",
         other => other,
     }
 }
@@ -320,7 +323,6 @@ impl Session {
     async fn open<T: Transport>(
         &mut self,
         t: &mut T,
-        uuid: uuid::Uuid,
         requested: Vec<String>,
         since: Option<Box<str>>,
     ) -> Result<(), End> {
@@ -351,7 +353,6 @@ impl Session {
             }
         }
         let welcome = Welcome {
-            uuid,
             joined,
             refused,
             since,
@@ -383,13 +384,12 @@ impl Session {
     /// with `since`.
     async fn welcome<T: Transport>(&mut self, t: &mut T, welcome: Welcome) -> Result<(), End> {
         let Welcome {
-            uuid,
             joined,
             refused,
             since,
         } = welcome;
         let frame = protocol::welcome_frame(
-            &uuid.to_string(),
+            &self.uuid.to_string(),
             self.client_id(),
             &self.node.node_name,
             &joined,
@@ -466,6 +466,8 @@ impl Session {
                 };
                 self.last_seen = Instant::now();
                 self.welcome(t, welcome).await?;
+                // Server unsubscribes that arrived while the welcome waited.
+                self.on_commands(t).await?;
                 // Nothing queued was written while the welcome waited.
                 let mut batch = VecDeque::new();
                 if !self.outbox.take(&mut batch) {
@@ -668,6 +670,9 @@ impl Session {
         if signals & signal::SHUTDOWN != 0 {
             return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
         }
+        if signals & signal::COMMAND != 0 {
+            self.on_commands(t).await?;
+        }
         if signals & signal::BEAT != 0 {
             if self.awaiting_welcome() {
                 // Client frames (pongs included) are not read until the welcome: only the
@@ -746,6 +751,10 @@ impl Session {
                     if signals & signal::SHUTDOWN != 0 {
                         return Err(End::Close(close::GOING_AWAY, reason::SHUTDOWN));
                     }
+                    if signals & signal::COMMAND != 0 {
+                        // Acted on once the write is done (the loop's next wake-up).
+                        self.outbox.restore_signals(signal::COMMAND);
+                    }
                     // A heartbeat while blocked: no ping (the client is not reading anyway),
                     // but the deadline holds.
                     self.check_heartbeat()?;
@@ -819,6 +828,10 @@ impl Session {
             ClientFrame::Refresh { token, id } => {
                 frames.with_label_values(&[frame_type::REFRESH]).inc();
                 Some(self.on_refresh(&token, id)?)
+            }
+            ClientFrame::Presence { channel, id } => {
+                frames.with_label_values(&[frame_type::PRESENCE]).inc();
+                Some(self.on_presence(&channel, id).await?)
             }
         };
         match reply {
@@ -926,7 +939,86 @@ impl Session {
             self.node.bus.want(channel);
         }
         self.channels.push(channel.into());
+        self.node
+            .presence
+            .join(channel, self.uuid, self.client_id());
         Ok(true)
+    }
+
+    /// Who is in a presence channel: for a session subscribed to it, or whose token's
+    /// `channels` claim allows it (docs/REFERENCE.md §8).
+    async fn on_presence(&mut self, channel: &str, id: Option<&RawValue>) -> Result<String, End> {
+        // Each answer costs a Redis read: rate limited like publishes.
+        if !self.charge()? {
+            let message = "presence rate limit exceeded; slow down";
+            return Ok(protocol::error_frame(
+                "rate_limited",
+                message,
+                Some(channel),
+                id,
+            ));
+        }
+        if !self.node.presence.applies(channel) {
+            let message = format!("{channel} is not a presence channel (presence_channels)");
+            return Ok(protocol::error_frame(
+                "not_presence",
+                &message,
+                Some(channel),
+                id,
+            ));
+        }
+        let subscribed = self.channels.iter().any(|c| &**c == channel);
+        let claimed = self
+            .permissions
+            .as_ref()
+            .and_then(|p| p.channels.as_deref())
+            .is_some_and(|patterns| auth::allowed(patterns, channel));
+        if !subscribed && !claimed {
+            let message = format!("subscribe to {channel} to see who is in it");
+            return Ok(protocol::error_frame(
+                "forbidden",
+                &message,
+                Some(channel),
+                id,
+            ));
+        }
+        Ok(match self.node.presence.list(channel).await {
+            Ok(clients) => protocol::presence_frame(channel, &clients, id),
+            Err(e) => {
+                tracing::debug!(error = %e, "presence read failed");
+                let message = "presence could not be read: the message bus (Redis) is unavailable; try again later";
+                protocol::error_frame("presence_failed", message, Some(channel), id)
+            }
+        })
+    }
+
+    /// Commands the node queued for this session (the server API's, through `control`).
+    async fn on_commands<T: Transport>(&mut self, t: &mut T) -> Result<(), End> {
+        let commands = self.node.take_commands(self.id);
+        if commands.contains(&SessionCommand::Disconnect) {
+            return Err(End::Close(close::DISCONNECTED, reason::DISCONNECTED));
+        }
+        if self.awaiting_welcome() {
+            // Nothing but the welcome may come first: unsubscribes wait for it (`on_live`).
+            self.node.requeue_commands(self.id, commands);
+            return Ok(());
+        }
+        for command in commands {
+            if let SessionCommand::Unsubscribe(channel) = command {
+                let waiting = self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.waits.iter().any(|w| w.channel == channel));
+                let subscribed = self.channels.contains(&channel);
+                if (subscribed || waiting) && *channel != *self.personal {
+                    t.forget(&channel);
+                    for reply in self.on_unsubscribe(&channel, None) {
+                        self.send(t, reply).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Subscribe, answer `subscribed` (or an error), then replay from `since` if given.
@@ -1035,6 +1127,9 @@ impl Session {
     }
 
     fn remove_from_hub(&self, channel: &str) {
+        self.node
+            .presence
+            .leave(channel, self.uuid, self.client_id());
         if self.node.hub.unsubscribe(channel, self.id) == Unsubscribed::Last {
             self.node.bus.release(channel);
         }

@@ -1,7 +1,8 @@
 //! The Server-Sent Events endpoints (docs/REFERENCE.md §9): `GET /sse` opens a session on the
 //! SSE transport (`session::sse`) with the parameters of `/ws`; `POST /sse/{session}` hands
-//! one client frame to a session, on this node or, through the relay, on the node that holds
-//! it; `OPTIONS` answers the CORS preflight of both for the allowed origins.
+//! one client frame to a session: into its inbox when this node holds it (the relay knows),
+//! else as a `forward` message of the control channel to the node that does (its Redis key
+//! says which); `OPTIONS` answers the CORS preflight of both for the allowed origins.
 //!
 //! A stream that cannot become a session (a bad token, a bad query, a full node) is still a
 //! `200 text/event-stream` that says why in its only event, `event: close` with the close code
@@ -18,9 +19,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::auth::AuthError;
+use crate::control::{self, Control, ControlMessage};
 use crate::metrics::{reason, transport};
 use crate::node::Node;
-use crate::relay::{DeliverError, Owner};
+use crate::relay::{DeliverError, Owner, Relay};
 use crate::request::{self, error, query_problem, ConnectQuery, Refusal};
 use crate::session::{self, sse::Sse};
 use crate::{origin, protocol::close};
@@ -78,13 +80,7 @@ pub async fn open(
     };
     let uuid = uuid::Uuid::new_v4();
     let registration = node.relay.register(uuid, &client_id);
-    node.relay
-        .announce(
-            uuid,
-            &client_id,
-            std::time::Duration::from_millis(node.config.redis.timeout_ms),
-        )
-        .await;
+    node.relay.announce(uuid, &client_id).await;
     let max_positions = node.config.limits.max_subscriptions + 1;
     let (transport, body) = session::sse::stream(
         Some(registration),
@@ -249,23 +245,37 @@ async fn deliver(
             "the body is not valid UTF-8",
         );
     };
-    let remote = matches!(owner, Owner::Remote { .. });
-    match node.relay.deliver(id, owner, frame).await {
-        Ok(()) => (
+    let accepted = |forwarded: bool| {
+        (
             StatusCode::ACCEPTED,
-            axum::Json(serde_json::json!({ "status": "accepted", "forwarded": remote })),
+            axum::Json(serde_json::json!({ "status": "accepted", "forwarded": forwarded })),
         )
-            .into_response(),
-        Err(DeliverError::Busy) => error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "busy",
-            DeliverError::Busy.to_string(),
-        ),
-        Err(DeliverError::Gone) => not_found(),
-        Err(e @ DeliverError::Bus(_)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
+            .into_response()
+    };
+    match owner {
+        Owner::Local { inbox, .. } => match Relay::deliver(&inbox, frame) {
+            Ok(()) => accepted(false),
+            Err(DeliverError::Busy) => error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "busy",
+                DeliverError::Busy.to_string(),
+            ),
+            Err(DeliverError::Gone) => not_found(),
+        },
+        // To the session's node, on the control channel: nodes never talk to each other.
+        Owner::Remote { node: owner, .. } => {
+            let forward = ControlMessage::Forward {
+                session: id.as_simple().to_string(),
+                frame,
+            };
+            match control::send(&node.bus, &Control::to_node(&owner, forward)).await {
+                Ok(()) => accepted(true),
+                Err(e) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("the frame could not be forwarded to the session's node: {e}"),
+                ),
+            }
+        }
     }
 }

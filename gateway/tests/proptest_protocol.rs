@@ -12,6 +12,7 @@ fn frame_text() -> impl Strategy<Value = String> {
         Just("unsubscribe".to_owned()),
         Just("publish".to_owned()),
         Just("ping".to_owned()),
+        Just("presence".to_owned()),
         Just("refresh".to_owned()),
         "[a-z]{0,8}",
     ];
@@ -64,7 +65,8 @@ fn check_frame(text: &str) {
         Ok(
             ClientFrame::Subscribe { channel, .. }
             | ClientFrame::Unsubscribe { channel, .. }
-            | ClientFrame::Publish { channel, .. },
+            | ClientFrame::Publish { channel, .. }
+            | ClientFrame::Presence { channel, .. },
         ) => assert!(protocol::valid_channel(&channel), "{text}"),
         Ok(ClientFrame::Ping { .. } | ClientFrame::Refresh { .. }) => {}
         Err(e) => {

@@ -1,11 +1,15 @@
-//! The HTTP API: `POST /alerts`, `POST /publish`, `POST /broadcast` (behind the optional API
-//! key), and `GET /metrics`, `/healthz`, `/readyz`.
+//! The HTTP API: `POST /alerts`, `POST /publish`, `POST /broadcast`, and the server API
+//! (docs/REFERENCE.md §8: `GET /presence/{channel}`, `GET /presence/{channel}/stats`,
+//! `GET /history/{channel}`, `GET /channels`, `POST /disconnect`, `POST /unsubscribe`), all
+//! behind the optional API key; and `GET /metrics`, `/healthz`, `/readyz`.
 //!
 //! Every refusal is a 4xx with a JSON body `{"error":"<code>","message":"…"}` and publishes
 //! nothing: bodies are read whole (up to `max_body_bytes`) and validated completely before the
 //! first message goes out. Codes: `unauthorized` (401), `invalid_json` (400, not JSON),
 //! `invalid_body` (400, JSON of the wrong shape or with unknown fields), `invalid_level`,
-//! `invalid_text`, `invalid_title`, `invalid_channel`, `invalid_channels` (400),
+//! `invalid_text`, `invalid_title`, `invalid_channel`, `invalid_channels`,
+//! `invalid_client_id`, `invalid_since`, `invalid_limit`, `invalid_query` (400),
+//! `history_gone` (410: the `since` offset cannot be resumed from),
 //! `payload_too_large` (413), `unsupported_media_type` (415, the body must be sent as
 //! `application/json`, which also keeps browsers from posting here cross-site without a
 //! preflight), `not_found` (404), `method_not_allowed` (405), and `redis_unavailable` (503)
@@ -14,7 +18,8 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,6 +37,8 @@ use crate::channel::Channel;
 use crate::config::{Config, Secret};
 use crate::pool::RedisError;
 use crate::publish::{Message, Publisher};
+use crate::server_api::{self, HistoryError};
+use gateway::control::ControlMessage;
 
 /// What every handler shares; cheap to clone.
 #[derive(Clone)]
@@ -82,6 +89,28 @@ struct BroadcastRequest {
     data: Box<RawValue>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectRequest {
+    client_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubscribeRequest {
+    client_id: String,
+    channel: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+/// Entries `GET /history/{channel}` returns when the request names no `limit`.
+const DEFAULT_HISTORY_LIMIT: usize = 100;
+
 /// The API's routes over `publisher`, configured from `config`.
 pub fn router(publisher: Publisher, config: &Config, shutdown: CancellationToken) -> Router {
     let state = ApiState {
@@ -98,6 +127,12 @@ pub fn router(publisher: Publisher, config: &Config, shutdown: CancellationToken
         .route("/alerts", post(post_alert))
         .route("/publish", post(post_publish))
         .route("/broadcast", post(post_broadcast))
+        .route("/presence/{channel}", get(get_presence))
+        .route("/presence/{channel}/stats", get(get_presence_stats))
+        .route("/history/{channel}", get(get_history))
+        .route("/channels", get(get_channels))
+        .route("/disconnect", post(post_disconnect))
+        .route("/unsubscribe", post(post_unsubscribe))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -169,6 +204,106 @@ async fn post_broadcast(
     Ok(Json(json!({ "published": messages.len(), "offsets": offsets })).into_response())
 }
 
+// --- the server API ---
+
+async fn get_presence(
+    State(state): State<ApiState>,
+    Path(channel): Path<String>,
+) -> Result<Response, ApiError> {
+    let channel = parse_channel(&channel)?;
+    let clients = server_api::presence(state.redis(), &channel).await?;
+    Ok(Json(json!({ "clients": clients })).into_response())
+}
+
+async fn get_presence_stats(
+    State(state): State<ApiState>,
+    Path(channel): Path<String>,
+) -> Result<Response, ApiError> {
+    let channel = parse_channel(&channel)?;
+    let clients = server_api::presence(state.redis(), &channel).await?;
+    let (num_clients, num_users) = server_api::stats(&clients);
+    Ok(Json(json!({ "num_clients": num_clients, "num_users": num_users })).into_response())
+}
+
+async fn get_history(
+    State(state): State<ApiState>,
+    Path(channel): Path<String>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let channel = parse_channel(&channel)?;
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let since = match query.since.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(gateway::protocol::Offset::parse(text).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_since",
+                "`since` must be an offset from a message (<epoch>:<ms>-<seq>)",
+            )
+        })?),
+    };
+    let max = server_api::MAX_HISTORY_LIMIT;
+    let limit = match query.limit.as_deref() {
+        None | Some("") => DEFAULT_HISTORY_LIMIT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_limit", format!("`limit` must be 1 to {max}"))
+            })?,
+    };
+    match server_api::history(state.redis(), &channel, since.as_ref(), limit).await {
+        Ok(page) => Ok(Json(page).into_response()),
+        Err(HistoryError::Gone(why)) => Err(ApiError::new(StatusCode::GONE, "history_gone", why)),
+        Err(HistoryError::Redis(e)) => Err(e.into()),
+    }
+}
+
+async fn get_channels(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let channels = server_api::channels(state.redis()).await?;
+    Ok(Json(json!({ "channels": channels })).into_response())
+}
+
+async fn post_disconnect(
+    State(state): State<ApiState>,
+    ApiJson(request): ApiJson<DisconnectRequest>,
+) -> Result<Response, ApiError> {
+    let client_id = parse_client_id(&request.client_id)?;
+    server_api::control(state.redis(), ControlMessage::Disconnect { client_id }).await?;
+    Ok(Json(json!({ "sent": true })).into_response())
+}
+
+async fn post_unsubscribe(
+    State(state): State<ApiState>,
+    ApiJson(request): ApiJson<UnsubscribeRequest>,
+) -> Result<Response, ApiError> {
+    let client_id = parse_client_id(&request.client_id)?;
+    let channel = parse_channel(&request.channel)?;
+    if channel.as_str() == gateway::protocol::personal_channel(&client_id) {
+        return Err(ApiError::bad_request(
+            "invalid_channel",
+            "a client's personal channel cannot be unsubscribed; disconnect it instead",
+        ));
+    }
+    let message = ControlMessage::Unsubscribe {
+        client_id,
+        channel: channel.to_string(),
+    };
+    server_api::control(state.redis(), message).await?;
+    Ok(Json(json!({ "sent": true })).into_response())
+}
+
+fn parse_client_id(id: &str) -> Result<String, ApiError> {
+    if gateway::protocol::valid_client_id(id) {
+        Ok(id.to_owned())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_client_id",
+            format!("client_id must be {}", gateway::protocol::CLIENT_ID_RULE),
+        ))
+    }
+}
+
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(
@@ -238,6 +373,10 @@ async fn require_api_key(State(state): State<ApiState>, request: Request, next: 
 // === impl ApiState ===
 
 impl ApiState {
+    fn redis(&self) -> &crate::pool::RedisPool {
+        self.inner.publisher.redis()
+    }
+
     async fn publish(&self, messages: &[Message]) -> Result<Vec<String>, ApiError> {
         self.inner
             .publisher

@@ -8,6 +8,10 @@
 //!   tail FILE [--channel logs] [--from-start]  publish each new line of FILE
 //!   token --sub ID [--channels P,..] [--publish P,..] [--ttl 1h]
 //!                                              print a client token signed with auth.secret
+//!   presence CHANNEL                           print who is in CHANNEL (JSON lines)
+//!   disconnect CLIENT_ID                       close every session of a client (4409)
+//!   unsubscribe CLIENT_ID CHANNEL              remove a channel from a client's sessions
+//!   channels                                   print the channels gateways subscribe to
 //! ```
 //!
 //! Exit codes: 0 success, 1 runtime failure (Redis unreachable, port taken, unreadable file),
@@ -100,6 +104,26 @@ pub enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
     },
+    /// Print who is in a presence channel, one JSON object {"client_id","session","node"} per
+    /// line.
+    Presence {
+        /// 1-128 characters of A-Z a-z 0-9 _ - . : @
+        channel: String,
+    },
+    /// Close every session of a client on every gateway node with 4409 (no reconnect).
+    Disconnect {
+        /// The client id.
+        client_id: String,
+    },
+    /// Remove CHANNEL from every session of a client on every gateway node.
+    Unsubscribe {
+        /// The client id.
+        client_id: String,
+        /// The channel to remove.
+        channel: String,
+    },
+    /// Print the channels at least one gateway node is subscribed to, one per line.
+    Channels,
 }
 
 /// Runs the program and exits; see the module doc for exit codes.
@@ -190,6 +214,38 @@ async fn execute(command: Command, config: Config) -> Result<(), Failure> {
             let channel = parse_channel(&channel)?;
             publish_once(&config, Message::from_text(channel, &data)).await
         }
+        Command::Presence { channel } => {
+            let channel = parse_channel(&channel)?;
+            let redis = RedisPool::new(&config.redis).map_err(Failure::runtime)?;
+            let clients = crate::server_api::presence(&redis, &channel)
+                .await
+                .map_err(Failure::runtime)?;
+            for client in clients {
+                println!("{}", serde_json::to_string(&client).unwrap_or_default());
+            }
+            Ok(())
+        }
+        Command::Disconnect { client_id } => {
+            check_client_id(&client_id)?;
+            let message = gateway::control::ControlMessage::Disconnect { client_id };
+            send_control(&config, message).await
+        }
+        Command::Unsubscribe { client_id, channel } => {
+            check_client_id(&client_id)?;
+            let channel = parse_channel(&channel)?.to_string();
+            let message = gateway::control::ControlMessage::Unsubscribe { client_id, channel };
+            send_control(&config, message).await
+        }
+        Command::Channels => {
+            let redis = RedisPool::new(&config.redis).map_err(Failure::runtime)?;
+            let channels = crate::server_api::channels(&redis)
+                .await
+                .map_err(Failure::runtime)?;
+            for channel in channels {
+                println!("{channel}");
+            }
+            Ok(())
+        }
         Command::Tail {
             file,
             channel,
@@ -212,6 +268,28 @@ async fn execute(command: Command, config: Config) -> Result<(), Failure> {
                 .map_err(Failure::runtime)
         }
     }
+}
+
+fn check_client_id(id: &str) -> Result<(), Failure> {
+    if gateway::protocol::valid_client_id(id) {
+        Ok(())
+    } else {
+        Err(Failure::Usage(format!(
+            "bad client id {id:?}: {}",
+            gateway::protocol::CLIENT_ID_RULE
+        )))
+    }
+}
+
+/// Publish a control message to every gateway node.
+async fn send_control(
+    config: &Config,
+    message: gateway::control::ControlMessage,
+) -> Result<(), Failure> {
+    let redis = RedisPool::new(&config.redis).map_err(Failure::runtime)?;
+    crate::server_api::control(&redis, message)
+        .await
+        .map_err(Failure::runtime)
 }
 
 fn parse_channel(name: &str) -> Result<Channel, Failure> {

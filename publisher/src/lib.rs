@@ -15,6 +15,8 @@
 //!   with gateways that tick on the same Redis).
 //! - [`tick`]: the aligned tick loop the leader runs (`gateway::ticker`'s, publishing here).
 //! - [`api`]: the HTTP API, `/metrics`, `/healthz`, `/readyz`.
+//! - [`server_api`]: the server API's Redis side: presence, history pages, channels, and the
+//!   control messages (disconnect, unsubscribe) to every gateway node.
 //! - [`tail`]: following a log file.
 //! - [`token`]: client tokens for the gateways (`publisher token`).
 //! - [`metrics`]: the Prometheus registry.
@@ -39,6 +41,7 @@ pub mod lease;
 pub mod metrics;
 pub mod pool;
 pub mod publish;
+pub mod server_api;
 pub mod shutdown;
 pub mod tail;
 pub mod tick;

@@ -549,6 +549,10 @@ impl RedisCluster {
                     // syncing right after the cluster was created).
                     "--cluster-replica-validity-factor".to_owned(),
                     "0".to_owned(),
+                    // A replica is listed in `CLUSTER SLOTS` (where clients find replicas)
+                    // only once it has a replication offset: ping it every second.
+                    "--repl-ping-replica-period".to_owned(),
+                    "1".to_owned(),
                 ];
                 extra.extend(args.iter().map(|a| a.to_string()));
                 RedisServer::start_full(None, extra)
@@ -572,13 +576,17 @@ impl RedisCluster {
         cluster
     }
 
-    /// Wait until every node sees three replicas: `--cluster create` returns once the nodes
-    /// agree on the slots, before every replica's role has reached every node.
+    /// Wait until every node sees three replicas and lists them in `CLUSTER SLOTS` (six node
+    /// ids): `--cluster create` returns once the nodes agree on the slots, before every
+    /// replica's role has reached every node and before a replica is offered to clients.
     fn await_replicas(&self) {
         let deadline = Instant::now() + TIMEOUT;
+        let is_id = |line: &&str| line.len() == 40 && line.bytes().all(|b| b.is_ascii_hexdigit());
         while !self.nodes.iter().all(|n| {
             n.cli_try(&["CLUSTER", "NODES"])
                 .is_some_and(|nodes| nodes.matches("slave").count() == 3)
+                && n.cli_try(&["CLUSTER", "SLOTS"])
+                    .is_some_and(|slots| slots.lines().filter(is_id).count() == 6)
         }) {
             assert!(
                 Instant::now() < deadline,
@@ -722,17 +730,18 @@ impl RedisCluster {
                 None => r.parse::<u16>().is_ok_and(|s| s == slot),
             })
         };
+        // Flags are a comma-separated set (`myself,master`, `slave,fail?`, `master,nofailover`).
+        let has = |flags: &str, flag: &str| flags.split(',').any(|f| f == flag);
+        let failed = |flags: &str| has(flags, "fail") || has(flags, "fail?");
         let master = entries.iter().find(|(_, _, flags, _, slots)| {
-            flags.contains("master") && !flags.contains("fail") && owns(slots)
+            has(flags, "master") && !failed(flags) && owns(slots)
         })?;
         if role == "master" {
             return Some(master.1);
         }
         entries
             .iter()
-            .find(|(_, _, flags, of, _)| {
-                flags.contains("slave") && !flags.contains("fail") && *of == master.0
-            })
+            .find(|(_, _, flags, of, _)| has(flags, "slave") && !failed(flags) && *of == master.0)
             .map(|entry| entry.1)
     }
 }
@@ -1222,6 +1231,50 @@ pub fn publisher_command() -> tokio::process::Command {
     publisher_command_in(None)
 }
 
+/// An HS256 token signed with `secret` for client `sub`, valid for an hour, with `extra`
+/// claims (a JSON object, e.g. `{"channels": […]}`) merged in.
+pub fn hs256_token(secret: &str, sub: &str, extra: Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+        + 3600;
+    let mut claims = serde_json::json!({"sub": sub, "exp": exp});
+    if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("an HS256 token")
+}
+
+/// Runs a one-shot publisher command (`publisher ARGS`) with `env` to completion, within
+/// [`TIMEOUT`]: (status, stdout, stderr).
+pub async fn publisher_cli(
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (std::process::ExitStatus, String, String) {
+    let child = publisher_command()
+        .envs(env.iter().copied())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn publisher-node");
+    let out = tokio::time::timeout(TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("publisher {args:?} did not finish"))
+        .expect("publisher output");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// [`publisher_command`], run inside `ns` when given (`ip netns exec` execs the program, so
 /// the child's pid is still the publisher's).
 fn publisher_command_in(ns: Option<&NetNs>) -> tokio::process::Command {
@@ -1344,6 +1397,10 @@ pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// A protocol-level test client: JSON frames in and out, every wait bounded by [`TIMEOUT`].
 pub struct WsClient {
     pub ws: Socket,
+    /// Whether `join`/`leave` frames (presence, on `chat:*` by default) are read like any
+    /// frame; off, they are skipped: the tests of everything else use chat rooms with the
+    /// default configuration and are not about who comes and goes.
+    pub presence_events: bool,
 }
 
 /// What a client read instead of the frame it expected.
@@ -1351,6 +1408,53 @@ pub struct WsClient {
 pub enum Received {
     Frame(Value),
     Closed(Option<u16>),
+}
+
+/// What the WebSocket and SSE test clients share: a session's server frames, read one at a
+/// time. Bring it into scope (`use tests::Frames;`) to call its methods on either client.
+pub trait Frames: Send {
+    /// The next server frame; panics when the session ends first or nothing arrives within
+    /// [`TIMEOUT`].
+    fn next_frame(&mut self) -> impl std::future::Future<Output = Value> + Send;
+
+    /// The next frame, which must have this `type`.
+    fn expect_type(&mut self, kind: &str) -> impl std::future::Future<Output = Value> + Send {
+        async move {
+            let frame = self.next_frame().await;
+            assert_eq!(frame["type"], kind, "unexpected frame {frame}");
+            frame
+        }
+    }
+
+    /// Skip frames until one has this `type` (e.g. past ticks).
+    fn until_type(&mut self, kind: &str) -> impl std::future::Future<Output = Value> + Send {
+        async move {
+            loop {
+                let frame = self.next_frame().await;
+                if frame["type"] == kind {
+                    return frame;
+                }
+            }
+        }
+    }
+
+    /// Skip frames until a `message` on `channel`.
+    fn until_message(&mut self, channel: &str) -> impl std::future::Future<Output = Value> + Send {
+        async move {
+            loop {
+                let frame = self.next_frame().await;
+                if frame["type"] == "message" && frame["channel"] == channel {
+                    return frame;
+                }
+            }
+        }
+    }
+}
+
+impl Frames for WsClient {
+    fn next_frame(&mut self) -> impl std::future::Future<Output = Value> + Send {
+        self.frame()
+    }
 }
 
 impl WsClient {
@@ -1374,7 +1478,10 @@ impl WsClient {
                 .await
                 .unwrap_or_else(|_| panic!("connect to {url} timed out"))
                 .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-        WsClient { ws }
+        WsClient {
+            ws,
+            presence_events: false,
+        }
     }
 
     /// Connect and read the welcome frame.
@@ -1409,8 +1516,13 @@ impl WsClient {
             };
             match msg {
                 Some(Ok(Message::Text(text))) => {
-                    let value = serde_json::from_str(text.as_str())
+                    let value: Value = serde_json::from_str(text.as_str())
                         .unwrap_or_else(|e| panic!("gateway sent non-JSON text {text:?}: {e}"));
+                    if !self.presence_events
+                        && matches!(value["type"].as_str(), Some("join" | "leave"))
+                    {
+                        continue;
+                    }
                     return Some(Received::Frame(value));
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -1434,33 +1546,6 @@ impl WsClient {
         match self.next().await {
             Received::Frame(v) => v,
             Received::Closed(code) => panic!("expected a frame, connection closed with {code:?}"),
-        }
-    }
-
-    /// The next frame, which must have this `type`.
-    pub async fn expect_type(&mut self, kind: &str) -> Value {
-        let frame = self.frame().await;
-        assert_eq!(frame["type"], kind, "unexpected frame {frame}");
-        frame
-    }
-
-    /// Skip frames until one has this `type` (e.g. past ticks).
-    pub async fn until_type(&mut self, kind: &str) -> Value {
-        loop {
-            let frame = self.frame().await;
-            if frame["type"] == kind {
-                return frame;
-            }
-        }
-    }
-
-    /// Skip frames until a `message` on `channel`.
-    pub async fn until_message(&mut self, channel: &str) -> Value {
-        loop {
-            let frame = self.frame().await;
-            if frame["type"] == "message" && frame["channel"] == channel {
-                return frame;
-            }
         }
     }
 

@@ -41,6 +41,12 @@ pub struct SseClient {
     pub session: Option<String>,
 }
 
+impl crate::Frames for SseClient {
+    fn next_frame(&mut self) -> impl std::future::Future<Output = Value> + Send {
+        self.frame()
+    }
+}
+
 impl SseClient {
     /// `GET path_and_query` on 127.0.0.1:port with `headers`; returns once the response head
     /// is read (whatever its status: see `head`).
@@ -228,33 +234,6 @@ impl SseClient {
                     }
                     return frame;
                 }
-            }
-        }
-    }
-
-    /// The next frame, which must be of type `kind`.
-    pub async fn expect_type(&mut self, kind: &str) -> Value {
-        let frame = self.frame().await;
-        assert_eq!(frame["type"], kind, "unexpected frame {frame}");
-        frame
-    }
-
-    /// Frames until one of type `kind`.
-    pub async fn until_type(&mut self, kind: &str) -> Value {
-        loop {
-            let frame = self.frame().await;
-            if frame["type"] == kind {
-                return frame;
-            }
-        }
-    }
-
-    /// Frames until a message on `channel`.
-    pub async fn until_message(&mut self, channel: &str) -> Value {
-        loop {
-            let frame = self.frame().await;
-            if frame["type"] == "message" && frame["channel"] == channel {
-                return frame;
             }
         }
     }

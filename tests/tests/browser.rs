@@ -163,6 +163,7 @@ return {
     text: li.querySelector(".text")?.textContent ?? null,
     me: li.classList.contains("me"),
   })),
+  members: [...document.querySelectorAll('[data-testid="chat-member"]')].map((m) => m.textContent),
   logs: [...q("logs").querySelectorAll(".line")].map((s) => s.textContent),
   notice: text("notice"),
   // innerText: only what is shown (the hints for the other kind of bus are hidden).
@@ -650,6 +651,50 @@ async fn a_chat_message_typed_on_node_a_appears_on_node_b_with_its_author() {
     assert_eq!(reply["who"], "Bob:");
     let snap = alice.snapshot().await;
     assert_eq!(snap["chat"].as_array().unwrap().len(), 2, "{snap:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pages_in_a_chat_room_see_each_other_in_the_member_list() {
+    let _one_browser_test_at_a_time = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster(2).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let driver = Chromedriver::start().await;
+    let alice = driver.browser("members-a").await;
+    let bob = driver.browser("members-b").await;
+    alice.open(&page_url(a.port, "client_id=alice-tab")).await;
+    bob.open(&page_url(b.port, "client_id=bob-tab")).await;
+    alice.wait_open_on(&a.name).await;
+    bob.wait_open_on(&b.name).await;
+    let members = |who: &'static [&'static str]| {
+        move |s: &Value| {
+            let listed: Vec<&str> = s["members"]
+                .as_array()?
+                .iter()
+                .filter_map(|m| m.as_str())
+                .collect();
+            (listed == who).then_some(())
+        }
+    };
+
+    // Alice joins first: she sees herself; Bob joins on the other node: both see both (the
+    // list is sorted), Alice through the join event, Bob through presence.
+    alice.click("chat-join").await;
+    alice
+        .wait_for("alice alone in the room", members(&["alice-tab"]))
+        .await;
+    bob.click("chat-join").await;
+    bob.wait_for("bob sees both", members(&["alice-tab", "bob-tab"]))
+        .await;
+    alice
+        .wait_for("alice sees bob join", members(&["alice-tab", "bob-tab"]))
+        .await;
+
+    // Bob leaves: Alice's list updates live.
+    bob.click("chat-leave").await;
+    alice
+        .wait_for("alice sees bob leave", members(&["alice-tab"]))
+        .await;
+    bob.wait_for("bob's list is empty", members(&[])).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

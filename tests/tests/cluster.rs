@@ -1,6 +1,7 @@
 //! Cross-node delivery: two real gateway nodes sharing one real redis-server.
 
 use std::time::Duration;
+use tests::Frames;
 
 use serde_json::json;
 use tests::{eventually, Cluster, Received, WsClient};

@@ -1,6 +1,7 @@
 //! Correctness under failure: a slow consumer, Redis dying and coming back, and shutdown.
 
 use std::time::Duration;
+use tests::Frames;
 
 use serde_json::json;
 use tests::{eventually, redis, Cluster, GatewayNode, WsClient};

@@ -4,6 +4,7 @@
 //! `history_gone` when the offset can no longer be resumed from.
 
 use std::process::Stdio;
+use tests::Frames;
 
 use serde_json::{json, Value};
 use tests::{

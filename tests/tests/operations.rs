@@ -1,6 +1,7 @@
 //! What operators see: metrics, health, HTTP errors, configuration errors.
 
 use serde_json::{json, Value};
+use tests::Frames;
 use tests::{
     free_port, http_exchange, http_get, http_request, run_gateway_to_exit, Cluster, WsClient,
 };
@@ -32,8 +33,9 @@ async fn metrics_parse_and_count_what_happened() {
         r#"gateway_client_frames_total{type="subscribe"}"#,
         r#"gateway_client_frames_total{type="publish"}"#,
         r#"gateway_client_frames_total{type="invalid"}"#,
-        r#"gateway_disconnects_total{reason="rate_limited"}"#,
-        r#"gateway_disconnects_total{reason="bad_request"}"#,
+        r#"gateway_disconnects_total{reason="rate_limited",transport="ws"}"#,
+        r#"gateway_disconnects_total{reason="bad_request",transport="sse"}"#,
+        r#"gateway_connections{transport="sse"}"#,
         r#"gateway_messages_dropped_total{reason="slow_consumer"}"#,
     ] {
         assert_eq!(before.series.get(series), Some(&0.0), "{series}");
@@ -59,9 +61,10 @@ async fn metrics_parse_and_count_what_happened() {
         m.get("gateway_connections_total") - before.get("gateway_connections_total"),
         2.0
     );
-    // Personal channels count too: a has user:…, m1, m2; b has user:…, m1.
+    // Personal channels count too: a has user:…, m1, m2; b has user:…, m1. The node's Redis
+    // channels: those four and the control channel.
     assert_eq!(m.get("gateway_subscriptions"), 5.0);
-    assert_eq!(m.get("gateway_channels"), 4.0);
+    assert_eq!(m.get("gateway_channels"), 5.0);
     assert_eq!(m.get(r#"gateway_client_frames_total{type="ping"}"#), 3.0);
     assert_eq!(m.get("gateway_messages_received_total"), 5.0);
     assert_eq!(m.get("gateway_messages_delivered_total"), 10.0);

@@ -2,6 +2,7 @@
 //! close code, and the node keeps serving everyone else.
 
 use std::time::Duration;
+use tests::Frames;
 
 use serde_json::json;
 use tests::{Cluster, Received, WsClient};

@@ -6,8 +6,9 @@
 //! wait is bounded by `tests::TIMEOUT`, and every process is killed when its owner is dropped.
 
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tests::Frames;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -25,26 +26,6 @@ const LEASE_MS: u64 = tests::PUBLISHER_LEASE_MS;
 
 /// HTTP headers, or environment variables: name/value pairs.
 type Headers<'a> = &'a [(&'a str, &'a str)];
-
-/// Runs a one-shot command to completion: (status, stdout, stderr).
-async fn run_cli(env: &[(&str, &str)], args: &[&str]) -> (ExitStatus, String, String) {
-    let child = publisher_command()
-        .envs(env.iter().copied())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn publisher-node");
-    let out = tokio::time::timeout(TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("publisher {args:?} did not finish"))
-        .expect("publisher output");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 // === a Redis subscriber ===
 
@@ -409,7 +390,7 @@ async fn alerts_from_http_and_cli_and_published_data_reach_subscribers() {
 
     let url = redis.url();
     let env = [("PUBLISHER__REDIS__URL", url.as_str())];
-    let (status, stdout, stderr) = run_cli(
+    let (status, stdout, stderr) = tests::publisher_cli(
         &env,
         &["alert", "--level", "warning", "Disk", "91%", "full"],
     )
@@ -421,10 +402,12 @@ async fn alerts_from_http_and_cli_and_published_data_reach_subscribers() {
     assert_eq!(alert["title"], Value::Null);
     assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap(), alert);
 
-    let (status, _, stderr) = run_cli(&env, &["publish", "chat:lobby", r#"{"text": "hi"}"#]).await;
+    let (status, _, stderr) =
+        tests::publisher_cli(&env, &["publish", "chat:lobby", r#"{"text": "hi"}"#]).await;
     assert!(status.success(), "{stderr}");
     assert_eq!(sub.next_on("chat:lobby").await, json!({"text": "hi"}));
-    let (status, _, stderr) = run_cli(&env, &["publish", "chat:lobby", "plain words"]).await;
+    let (status, _, stderr) =
+        tests::publisher_cli(&env, &["publish", "chat:lobby", "plain words"]).await;
     assert!(status.success(), "{stderr}");
     assert_eq!(sub.next_on("chat:lobby").await, json!("plain words"));
 
@@ -729,7 +712,7 @@ async fn configuration_errors_exit_2_naming_the_key() {
         (&[], &["--listen", "nowhere"], "listen"),
     ];
     for (env, args, key) in cases {
-        let (status, _, stderr) = run_cli(env, args).await;
+        let (status, _, stderr) = tests::publisher_cli(env, args).await;
         assert_eq!(status.code(), Some(2), "{env:?} {args:?}: {stderr}");
         assert!(
             stderr.contains(key),
@@ -751,7 +734,7 @@ async fn one_shot_commands_fail_fast_without_redis() {
         vec!["tail", log.to_str().unwrap(), "--channel", "logs"],
     ] {
         let started = Instant::now();
-        let (status, _, stderr) = run_cli(&env, &args).await;
+        let (status, _, stderr) = tests::publisher_cli(&env, &args).await;
         assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains("cannot reach Redis"), "{args:?}: {stderr}");
         assert!(
@@ -945,7 +928,7 @@ async fn ticks_and_alerts_reach_websocket_clients_through_a_gateway() {
     assert_eq!(alert["data"]["text"], "Fire in building 3");
 
     let url = cluster.redis.url();
-    let (status, _, stderr) = run_cli(
+    let (status, _, stderr) = tests::publisher_cli(
         &[("PUBLISHER__REDIS__URL", url.as_str())],
         &["alert", "--level", "info", "--title", "Deploy", "v2 is out"],
     )

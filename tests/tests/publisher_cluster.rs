@@ -6,35 +6,16 @@
 //! Every wait is bounded by `tests::TIMEOUT`; every process dies with its owner.
 
 use std::collections::HashMap;
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tests::Frames;
 
 use serde_json::{json, Value};
 use tests::{
     assert_slots_unique_and_ordered, eventually, leader_of, publisher_command, tick_fields,
     GatewayNode, PublisherNode, RedisCluster, ShardMessage, ShardSubscriber, TempDir, WsClient,
-    PUBLISHER_LEASE_MS, PUBLISHER_TICK_MS, TIMEOUT,
+    PUBLISHER_LEASE_MS, PUBLISHER_TICK_MS,
 };
-
-/// Runs a one-shot command to completion: (status, stdout, stderr).
-async fn run_cli(env: &[(&str, &str)], args: &[&str]) -> (ExitStatus, String, String) {
-    let child = publisher_command()
-        .envs(env.iter().copied())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn publisher-node");
-    let out = tokio::time::timeout(TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("publisher {args:?} did not finish"))
-        .expect("publisher output");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// One shard subscriber per channel, each on the node that owns the channel's slot now.
 fn subscribe_on_owners(
@@ -119,7 +100,7 @@ async fn ticks_alerts_publish_broadcast_cli_and_tail_reach_shard_subscribers_on_
     assert_eq!(alert.data(), body["alert"]);
     assert_in_history_on(&cluster, owner("alerts"), &alert);
     let (status, stdout, stderr) =
-        run_cli(&env, &["alert", "--level", "warning", "Disk", "full"]).await;
+        tests::publisher_cli(&env, &["alert", "--level", "warning", "Disk", "full"]).await;
     assert!(status.success(), "{stderr}");
     let alert = subs.get_mut("alerts").unwrap().next().await;
     assert_eq!(alert.data()["text"], "Disk full");
@@ -137,7 +118,8 @@ async fn ticks_alerts_publish_broadcast_cli_and_tail_reach_shard_subscribers_on_
         assert_eq!(got.offset.as_deref(), body["offset"].as_str(), "{room}");
         assert_in_history_on(&cluster, *port, &got);
 
-        let (status, _, stderr) = run_cli(&env, &["publish", room, "from a shell"]).await;
+        let (status, _, stderr) =
+            tests::publisher_cli(&env, &["publish", room, "from a shell"]).await;
         assert!(status.success(), "{room}: {stderr}");
         let got = subs.get_mut(room.as_str()).unwrap().next().await;
         assert_eq!(got.data(), json!("from a shell"));
@@ -349,14 +331,14 @@ async fn redis_url_with_cluster_nodes_or_a_bad_seed_exits_2_naming_the_keys() {
             vec!["--redis-url", "redis://127.0.0.1:6379", "run"],
         ),
     ] {
-        let (status, _, stderr) = run_cli(&env, &args).await;
+        let (status, _, stderr) = tests::publisher_cli(&env, &args).await;
         assert_eq!(status.code(), Some(2), "{env:?} {args:?}: {stderr}");
         assert!(
             stderr.contains("`redis.url`") && stderr.contains("`redis.cluster_nodes`"),
             "{args:?} should name both keys: {stderr}"
         );
     }
-    let (status, _, stderr) = run_cli(
+    let (status, _, stderr) = tests::publisher_cli(
         &[(
             "PUBLISHER__REDIS__CLUSTER_NODES",
             "redis://:s3cret@127.0.0.1:7000,http://127.0.0.1:7001",
@@ -439,13 +421,13 @@ async fn with_a_primary_down_the_other_shards_publish_and_its_channels_get_503_u
     assert_eq!(m.get(r#"publisher_published_total{channel="other"}"#), 6.0);
     assert_eq!(m.get("publisher_publish_errors_total"), 3.0);
     // The command line likewise: a live shard works, the dead one fails (exit 1) fast.
-    let (status, _, stderr) = run_cli(&env, &["publish", live_rooms[0], "cli"]).await;
+    let (status, _, stderr) = tests::publisher_cli(&env, &["publish", live_rooms[0], "cli"]).await;
     assert!(status.success(), "{stderr}");
     assert_eq!(
         subs.get_mut(live_rooms[0]).unwrap().next().await.data(),
         json!("cli")
     );
-    let (status, _, stderr) = run_cli(&env, &["publish", &dead, "cli"]).await;
+    let (status, _, stderr) = tests::publisher_cli(&env, &["publish", &dead, "cli"]).await;
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         dead_sub.drain().is_empty(),

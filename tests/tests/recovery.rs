@@ -9,6 +9,7 @@
 //! network namespace and takes the link down (no RST: only the PING can tell).
 
 use std::time::Duration;
+use tests::Frames;
 
 use serde_json::json;
 use tests::{

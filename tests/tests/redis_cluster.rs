@@ -3,6 +3,7 @@
 //! subscribed on its own shard only, and sessions live through a primary's death.
 
 use std::time::{Duration, Instant};
+use tests::Frames;
 
 use serde_json::json;
 use tests::{run_gateway_to_exit, GatewayNode, RedisCluster, WsClient, TIMEOUT};
@@ -140,13 +141,86 @@ async fn sessions_live_through_a_primary_killed_and_its_replica_promoted() {
 }
 
 #[test]
-fn read_from_replica_is_refused_until_subscriptions_can_be_routed_to_replicas() {
+fn read_from_replica_without_a_cluster_stops_start_up_naming_the_key() {
     let (status, stderr) = run_gateway_to_exit(&[
-        ("GATEWAY__REDIS__CLUSTER_NODES", "redis://127.0.0.1:7000"),
+        ("GATEWAY__REDIS__URL", "redis://127.0.0.1:6379"),
         ("GATEWAY__REDIS__READ_FROM", "replica"),
     ]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("redis.read_from"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_from_replica_subscribes_on_replicas_and_survives_losing_one() {
+    let mut cluster = RedisCluster::start();
+    let nodes = gateways(&cluster, 1, &[("GATEWAY__REDIS__READ_FROM", "replica")]).await;
+    let publisher =
+        tests::PublisherNode::start_on_cluster(&cluster, &[("PUBLISHER__TICK__ENABLED", "false")])
+            .await;
+    let channels = one_channel_per_shard(&cluster, "replicated");
+    let (mut client, _) =
+        WsClient::connect_welcomed(&nodes[0].ws_url(&format!("channels={}", channels.join(","))))
+            .await;
+    // Each channel is subscribed on its shard's replica, not on the primary.
+    for channel in &channels {
+        let slot = cluster.slot(channel);
+        assert_eq!(
+            shardnumsub(cluster.replica_of(slot), channel),
+            1,
+            "{channel} on its replica"
+        );
+        assert_eq!(
+            shardnumsub(cluster.primary_of(slot), channel),
+            0,
+            "{channel} on its primary"
+        );
+        spublish(&cluster, channel, &json!({ "on": channel }).to_string());
+        assert_eq!(
+            client.until_message(channel).await["data"]["on"],
+            channel.as_str()
+        );
+    }
+
+    // The replica serving a history stream dies under it: the node subscribes again (on the
+    // primary: the shard has no other replica) and catches up from the primary's history, so
+    // every message arrives exactly once and in order.
+    let channel = channels[0].clone();
+    let slot = cluster.slot(&channel);
+    let (primary, replica) = (cluster.primary_of(slot).port, cluster.replica_of(slot).port);
+    let port = publisher.port;
+    let last = 40;
+    let stream = channel.clone();
+    let producer = tokio::spawn(async move {
+        for n in 1..=last {
+            publish_through_failover(port, &stream, n).await;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 10 {
+        let frame = client.until_message(&channel).await;
+        seen.push(frame["data"]["n"].as_u64().unwrap());
+    }
+    cluster.node_mut(replica).kill();
+    while *seen.last().unwrap() < last {
+        let frame = match client.next_within(TIMEOUT * 2).await {
+            Some(tests::Received::Frame(frame)) => frame,
+            other => panic!("the stream stopped after {seen:?}: {other:?}"),
+        };
+        assert_ne!(frame["type"], "error", "{frame}");
+        if frame["channel"] != channel.as_str() {
+            continue;
+        }
+        seen.push(frame["data"]["n"].as_u64().unwrap());
+    }
+    assert_eq!(seen, (1..=last).collect::<Vec<_>>());
+    producer.await.unwrap();
+    assert_eq!(
+        shardnumsub(cluster.node(primary), &channel),
+        1,
+        "fell back to the primary"
+    );
+    nodes[0].await_ready(200).await;
 }
 
 #[test]
@@ -351,4 +425,117 @@ async fn a_primary_restarted_in_place_keeps_the_sessions_and_the_order() {
         seen.push(n);
     }
     nodes[0].await_ready(200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_restarted_with_its_data_loses_nothing_while_it_loads() {
+    // The channel's primary restarts with its data (AOF) and takes seconds to load it (10 ms per
+    // key, a Redis debug setting, and 300 keys), answering -LOADING meanwhile; its replica is
+    // told not to take over, so the shard comes back as it was, history included.
+    let mut cluster = RedisCluster::start_with(&[
+        "--appendonly",
+        "yes",
+        "--key-load-delay",
+        "10000",
+        "--loading-process-events-interval-bytes",
+        "1024",
+        "--cluster-require-full-coverage",
+        "no",
+        "--cluster-replica-no-failover",
+        "yes",
+    ]);
+    let nodes = gateways(&cluster, 1, &[]).await;
+    let publisher =
+        tests::PublisherNode::start_on_cluster(&cluster, &[("PUBLISHER__TICK__ENABLED", "false")])
+            .await;
+    let channel = "loading";
+    let (mut client, _) =
+        WsClient::connect_welcomed(&nodes[0].ws_url(&format!("channels={channel}"))).await;
+    publish_through_failover(publisher.port, channel, 1).await;
+    assert_eq!(client.until_message(channel).await["data"]["n"], 1);
+
+    // Values of 1 KiB on the channel's own slot, into the AOF's base file (which the delay
+    // slows down).
+    let owner = cluster.primary_of(cluster.slot(channel)).port;
+    let mut fill = vec!["MSET".to_owned()];
+    for i in 0..300 {
+        fill.extend([format!("{{{channel}}}filler:{i}"), "x".repeat(1024)]);
+    }
+    let node = cluster.node(owner);
+    node.cli(&fill.iter().map(String::as_str).collect::<Vec<_>>());
+    node.cli(&["BGREWRITEAOF"]);
+    tests::eventually("the AOF rewrite", async || {
+        let info = node.cli(&["INFO", "persistence"]);
+        (info.contains("aof_rewrite_in_progress:0") && info.contains("aof_rewrite_scheduled:0"))
+            .then_some(())
+    })
+    .await;
+
+    cluster.node_mut(owner).kill();
+    let loading = Instant::now();
+    // Returns once the node answers PING, i.e. has loaded its data; the gateway subscribed
+    // again and tried to catch the channel up meanwhile.
+    tokio::task::block_in_place(|| cluster.node_mut(owner).start_again());
+    assert!(
+        loading.elapsed() > Duration::from_secs(2),
+        "the node loaded too fast to test anything"
+    );
+    for n in 2..=3 {
+        publish_through_failover(publisher.port, channel, n).await;
+    }
+    // Exactly what followed, once each: "loading" was not taken for lost history.
+    for n in 2..=3 {
+        let frame = loop {
+            match client.next_within(TIMEOUT * 2).await {
+                Some(tests::Received::Frame(frame)) if frame["channel"] == channel => break frame,
+                Some(tests::Received::Frame(frame)) => {
+                    assert_ne!(frame["type"], "error", "{frame}")
+                }
+                other => panic!("no message {n}: {other:?}"),
+            }
+        };
+        assert_eq!(frame["type"], "message", "{frame}");
+        assert_eq!(frame["data"]["n"], n, "{frame}");
+    }
+    nodes[0].await_ready(200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_sessions_and_their_forwarded_posts_work_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let nodes = gateways(&cluster, 2, &[]).await;
+    let channels = one_channel_per_shard(&cluster, "sse");
+    let query = format!("/sse?channels={}&client_id=sse-c", channels.join(","));
+    let mut client = tests::SseClient::connect(nodes[0].port, &query, &[]).await;
+    let welcome = client.expect_type("welcome").await;
+    let session = welcome["session"].as_str().unwrap().to_owned();
+    for channel in &channels {
+        spublish(&cluster, channel, &json!({ "on": channel }).to_string());
+        let frame = client.until_message(channel).await;
+        assert_eq!(frame["data"]["on"], channel.as_str());
+    }
+    // The session's key is read on the other node (cluster command pool), and the frame goes
+    // to the session's node on the control channel (a shard channel).
+    for (port, forwarded) in [(nodes[1].port, true), (nodes[0].port, false)] {
+        let reply = tests::sse_post(port, &session, &json!({"type":"ping","id":port}), &[]).await;
+        assert_eq!(reply.status, 202, "{reply:?}");
+        assert!(
+            reply.body.contains(&format!(r#""forwarded":{forwarded}"#)),
+            "{reply:?}"
+        );
+        assert_eq!(client.until_type("pong").await["id"], port);
+    }
+    drop(client);
+    let start = Instant::now();
+    loop {
+        let reply = tests::sse_post(nodes[1].port, &session, &json!({"type":"ping"}), &[]).await;
+        if reply.status == 404 {
+            break;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the ended session's key was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

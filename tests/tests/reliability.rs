@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tests::Frames;
 
 use serde_json::{json, Value};
 use tests::{

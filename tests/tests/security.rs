@@ -4,6 +4,7 @@
 
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tests::Frames;
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -33,11 +34,7 @@ fn sign(secret: &str, alg: Algorithm, claims: Value) -> String {
 
 /// An HS256 token for `sub` valid for an hour, with `extra` claims merged in.
 fn token(sub: &str, extra: Value) -> String {
-    let mut claims = json!({"sub": sub, "exp": now() + 3600});
-    if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
-        c.extend(e.clone());
-    }
-    sign(SECRET, Algorithm::HS256, claims)
+    tests::hs256_token(SECRET, sub, extra)
 }
 
 fn fixture(name: &str) -> String {

@@ -3,9 +3,9 @@
 //! `Last-Event-ID`, and the limits, drain, auth and CORS of WebSocket sessions. Raw HTTP
 //! clients against real nodes and a real Redis.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use tests::Frames;
 
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tests::{
     eventually, http_exchange, publish, publish_in_background, redis, sse_post, stream_id, Cluster,
@@ -15,17 +15,7 @@ use tests::{
 const SECRET: &str = "sse-test-secret-0123456789abcdef0123";
 
 fn token(sub: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    tests::hs256_token(SECRET, sub, json!({}))
 }
 
 /// A publisher without ticks.
@@ -140,6 +130,8 @@ async fn last_event_id_resumes_exactly_what_was_missed_on_another_node() {
         &[("Last-Event-ID", &id)],
     )
     .await;
+    // The resumed stream starts from the position it was given: its welcome carries it.
+    assert_eq!(client.last_id.as_deref(), Some(&*id));
     let last = expect_sequence(&mut client, "h:s", 4, 30).await;
     burst.await.unwrap();
     // Nothing more: no duplicate of the replay.
@@ -169,6 +161,8 @@ async fn last_event_id_resumes_exactly_what_was_missed_on_another_node() {
     .await;
     let error = gone.expect_type("error").await;
     assert_eq!(error["code"], "history_gone", "{error}");
+    // A position that cannot be resumed from is not handed back: the error's event clears it.
+    assert_eq!(gone.last_id.as_deref(), Some(""));
     publish(publisher.port, "h:s", 31).await;
     assert_eq!(bad.until_message("h:s").await["data"]["n"], 31);
     assert_eq!(gone.until_message("h:s").await["data"]["n"], 31);
@@ -211,6 +205,10 @@ async fn posted_frames_are_answered_over_the_stream_and_forwarded_from_another_n
     assert_eq!(published["id"], 2);
     let message = client.until_message("chat:sse").await;
     assert_eq!(message["data"], json!({"text": "hi"}));
+    // It went as a `forward` control message, acted on by the session's node only.
+    let forwarded = r#"gateway_control_messages_total{kind="forward"}"#;
+    assert_eq!(cluster.nodes[0].metrics().await.get(forwarded), 1.0);
+    assert_eq!(cluster.nodes[1].metrics().await.get(forwarded), 0.0);
     let reply = sse_post(b, &session, &json!({"type":"ping","id":3}), &[]).await;
     assert_eq!(reply.status, 202);
     assert_eq!(client.until_type("pong").await["id"], 3);
@@ -289,6 +287,28 @@ async fn with_auth_a_post_needs_the_sessions_own_token() {
     assert_eq!(client.until_type("pong").await["id"], "q");
 }
 
+/// Publish 32 KiB messages on `flood`, 50 at a time, until `done`; panics when that takes
+/// longer than three [`TIMEOUT`]s.
+async fn flood_until(cluster: &Cluster, what: &str, done: impl AsyncFn() -> bool) {
+    let mut conn = cluster.redis.connection().await;
+    let payload = format!("\"{}\"", "x".repeat(32 * 1024));
+    let deadline = tokio::time::Instant::now() + TIMEOUT * 3;
+    loop {
+        for _ in 0..50 {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("flood")
+                .arg(&payload)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        if done().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_sse_consumer_is_closed_with_4000_and_drain_closes_with_1001() {
     let mut cluster = Cluster::builder()
@@ -300,28 +320,12 @@ async fn a_slow_sse_consumer_is_closed_with_4000_and_drain_closes_with_1001() {
     let mut slow = welcomed(port, "channels=flood", &[]).await;
     let mut steady = welcomed(port, "channels=ticks", &[]).await;
     // `slow` reads nothing while the flood fills its socket, then its queue.
-    let mut conn = cluster.redis.connection().await;
-    let payload = format!("\"{}\"", "x".repeat(32 * 1024));
     let node = &cluster.nodes[0];
-    let deadline = tokio::time::Instant::now() + TIMEOUT * 3;
-    loop {
-        for _ in 0..50 {
-            let _: i64 = redis::cmd("PUBLISH")
-                .arg("flood")
-                .arg(&payload)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
+    flood_until(&cluster, "the slow SSE consumer cut off", async || {
         let m = node.metrics().await;
-        if m.get(r#"gateway_disconnects_total{reason="slow_consumer",transport="sse"}"#) >= 1.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slow SSE consumer was never cut off"
-        );
-    }
+        m.get(r#"gateway_disconnects_total{reason="slow_consumer",transport="sse"}"#) >= 1.0
+    })
+    .await;
     // Reading again, it finds what was written, then the close event with 4000.
     assert_eq!(slow.expect_close().await["code"], 4000);
 
@@ -413,4 +417,107 @@ async fn cors_echoes_allowed_origins_and_refuses_others() {
     let mut third = SseClient::connect(port, "/sse", &[]).await;
     let close: Value = third.expect_close().await;
     assert_eq!(close["code"], 1013, "{close}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_reaches_sse_sessions_like_any_other() {
+    let cluster = Cluster::start(2).await;
+    let publisher = publisher(&cluster).await;
+    let mut client = welcomed(
+        cluster.nodes[1].port,
+        "channels=chat:api&client_id=sse-api",
+        &[],
+    )
+    .await;
+    // Unsubscribe from the server: an `unsubscribed` frame without an id.
+    let (status, body) = publisher
+        .post(
+            "/unsubscribe",
+            r#"{"client_id":"sse-api","channel":"chat:api"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let frame = client.until_type("unsubscribed").await;
+    assert_eq!(frame, json!({"type":"unsubscribed","channel":"chat:api"}));
+    // Disconnect: the stream ends with 4409.
+    let (status, body) = publisher
+        .post("/disconnect", r#"{"client_id":"sse-api"}"#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client.expect_close().await["code"], 4409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_written_to_a_client_that_stopped_reading_is_dropped_after_its_session() {
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env("GATEWAY__LIMITS__SEND_QUEUE_BYTES", "65536")
+        .env("GATEWAY__HEARTBEAT__PING_INTERVAL_MS", "300")
+        .env("GATEWAY__HEARTBEAT__PING_TIMEOUT_MS", "1000")
+        .env("GATEWAY__LIMITS__HANDSHAKE_TIMEOUT_MS", "2000")
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    // One session first, so that what stays open afterwards (Redis connections) is counted.
+    let probe = welcomed(node.port, "channels=ticks", &[]).await;
+    drop(probe);
+    let fds = async || node.metrics().await.get("process_open_fds");
+    eventually("the probe session to end", async || {
+        let m = node.metrics().await;
+        (m.get("gateway_connections") == 0.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = fds().await;
+
+    let _slow = welcomed(node.port, "channels=flood", &[]).await;
+    flood_until(&cluster, "the SSE session cut off", async || {
+        let m = node.metrics().await;
+        m.get(r#"gateway_connections{transport="sse"}"#) == 0.0
+    })
+    .await;
+    // The session ended (4000), but its close event cannot be written to a client that reads
+    // nothing. The connection is not kept forever: once the session gave up on the close
+    // event (5 s), the stream ends and hyper, waiting for the next request's head, drops the
+    // connection after `limits.handshake_timeout_ms`.
+    eventually("the stalled connection to be dropped", async || {
+        (fds().await <= before).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_is_read_outlives_the_heartbeat_timeout() {
+    // An SSE client cannot answer pings: the pings it reads keep its session alive.
+    let cluster = Cluster::builder()
+        .nodes(1)
+        .env("GATEWAY__HEARTBEAT__PING_INTERVAL_MS", "200")
+        .env("GATEWAY__HEARTBEAT__PING_TIMEOUT_MS", "600")
+        .start()
+        .await;
+    let node = &cluster.nodes[0];
+    let mut client = welcomed(node.port, "channels=ticks", &[]).await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(2500);
+    let mut pings = 0;
+    while tokio::time::Instant::now() < until {
+        match client.next_within(Duration::from_millis(500)).await {
+            Some(SseItem::Comment(c)) if c == "ping" => pings += 1,
+            Some(SseItem::Event {
+                event: Some(e),
+                data,
+                ..
+            }) if e == "close" => {
+                panic!("closed: {data}")
+            }
+            Some(_) => {}
+            None => panic!("the stream stalled or ended"),
+        }
+    }
+    assert!(pings >= 8, "{pings} pings in 2.5 s");
+    let m = node.metrics().await;
+    assert_eq!(m.get(r#"gateway_connections{transport="sse"}"#), 1.0);
+    assert_eq!(
+        m.get(r#"gateway_disconnects_total{reason="heartbeat_timeout",transport="sse"}"#),
+        0.0
+    );
 }

@@ -20,4 +20,9 @@ impl MemoryBus {
         self.metrics.messages_received.inc();
         self.hub.publish(channel, payload, None, Instant::now());
     }
+
+    /// A `join`/`leave` frame to `channel`'s subscribers (all of them are on this node).
+    pub fn publish_event(&self, channel: &str, frame: &str) {
+        self.hub.notify(channel, frame.to_owned());
+    }
 }

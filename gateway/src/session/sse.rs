@@ -187,11 +187,10 @@ impl Transport for Sse {
                 self.max_positions,
             );
         }
-        let id = self
-            .positions
-            .as_deref_mut()
-            .map(Positions::token)
-            .filter(|t| !t.is_empty());
+        // Once the session has had a position, every event says where it is, even nowhere
+        // (an empty `id:` after its last channel was forgotten clears the browser's
+        // `Last-Event-ID`, which would otherwise resume from a stale position).
+        let id = self.positions.as_deref_mut().map(Positions::token);
         put_event(&mut self.buf, id, None, text);
         if self.buf.len() >= CHUNK {
             self.flush().await?;

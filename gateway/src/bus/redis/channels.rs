@@ -16,12 +16,18 @@
 //! live. A released channel is forgotten (and UNSUBSCRIBEd) after the delay if nobody wants it
 //! again; a message still in flight for it finds no entry and changes nothing.
 //!
+//! Two kinds of traffic are not messages: presence events (`join`/`leave`, marked in the
+//! envelope) go to the hub as plain frames while the channel is live and are otherwise
+//! dropped, never held, never counted in a position; and the node's control channel
+//! (`protocol::CONTROL_CHANNEL`, wanted like any channel, so it is resubscribed and counted
+//! by readiness like any channel) goes to the control sink instead of the hub.
+//!
 //! One std `Mutex` over the map: every critical section is short and never awaits. Fan-out to
 //! the hub happens under it, so that a channel's messages reach the hub in order whichever
 //! task (the reader, or the history worker at the end of a catch-up) delivers them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use tokio::sync::{oneshot, Notify};
@@ -50,6 +56,10 @@ struct Chan {
     /// It has been live: sessions were told `subscribed`, so a resubscribe must catch it up.
     told: bool,
     position: Position,
+    /// The newest offset handed to the hub (live, replayed or held): a message at or before
+    /// it in the same epoch is a second copy. Unlike `position`, never set from a baseline
+    /// reading (a message published before a baseline can still arrive live after it).
+    delivered: Position,
     /// When its last local subscriber left (UNSUBSCRIBE after the delay, unless wanted again).
     release_at: Option<Instant>,
     /// What only a channel in transition needs; None (one word) for a settled live channel.
@@ -78,6 +88,7 @@ impl Chan {
             sent: false,
             told: false,
             position: Position::Unknown,
+            delivered: Position::Unknown,
             release_at: None,
             extra: None,
         }
@@ -132,8 +143,13 @@ pub struct Reads {
     pub catch_ups: Vec<ReadRequest>,
 }
 
+/// Where the control channel's payloads go; must not block (it runs under the map's lock).
+pub type ControlSink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 pub struct Channels {
     state: Mutex<State>,
+    /// Set once when the node starts its control task.
+    control: OnceLock<ControlSink>,
     /// Wakes the subscriber task: a channel needs a SUBSCRIBE, or a baseline a PING.
     pub wake: Notify,
     hub: Arc<Hub>,
@@ -157,11 +173,17 @@ impl Channels {
                 subscribed: 0,
                 not_live: 0,
             }),
+            control: OnceLock::new(),
             wake: Notify::new(),
             hub,
             metrics,
             max_held,
         }
+    }
+
+    /// Send the control channel's payloads to `sink` (once; later calls are ignored).
+    pub fn on_control(&self, sink: ControlSink) {
+        let _ = self.control.set(sink);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -219,6 +241,11 @@ impl Channels {
     }
 
     /// How many channels the node wants.
+    /// Channels confirmed subscribed on the current connection.
+    pub fn subscribed(&self) -> usize {
+        self.lock().subscribed
+    }
+
     pub fn len(&self) -> usize {
         self.lock().map.len()
     }
@@ -245,13 +272,38 @@ impl Channels {
         if state.conn != conn {
             return;
         }
+        if channel == protocol::CONTROL_CHANNEL {
+            drop(state);
+            if let Some(sink) = self.control.get() {
+                sink(payload);
+            }
+            return;
+        }
         let Some(chan) = state.map.get_mut(channel) else {
             // Not wanted (any more): no session was told it is subscribed.
             return;
         };
+        if offset.is_none() {
+            if let Some(frame) = super::envelope::event(payload) {
+                // Live-only and best-effort: a presence event is neither held while the
+                // channel catches up nor part of its position.
+                if chan.phase == Phase::Live {
+                    self.hub.notify(channel, frame.to_owned());
+                }
+                return;
+            }
+        }
         match chan.phase {
             Phase::Live => {
                 if let Some(offset) = offset.and_then(Offset::parse) {
+                    if chan.delivered.covers(&offset) {
+                        // Delivered already: the same message on a second subscription (a
+                        // cluster client can hold two connections to a node while it
+                        // recovers), or replayed by a catch-up before it arrived live.
+                        self.duplicate();
+                        return;
+                    }
+                    chan.delivered.advance(offset.clone());
                     chan.position.advance(offset);
                 }
                 let born = offset.map_or_else(Instant::now, super::envelope::published_at);
@@ -273,6 +325,13 @@ impl Channels {
             // A first subscription not yet confirmed: nobody was told `subscribed`.
             Phase::Pending | Phase::CatchingUp => {}
         }
+    }
+
+    fn duplicate(&self) {
+        self.metrics
+            .messages_dropped
+            .with_label_values(&[crate::metrics::reason::DUPLICATE])
+            .inc();
     }
 
     // --- the subscriber ---
@@ -480,6 +539,9 @@ impl Channels {
                     self.metrics.messages_received.inc();
                     let born = super::envelope::published_at(offset);
                     self.hub.publish(channel, payload, Some(offset), born);
+                    if let Some(o) = Offset::parse(offset) {
+                        chan.delivered.advance(o);
+                    }
                 }
                 Some(position.clone())
             }
@@ -499,12 +561,19 @@ impl Channels {
             again,
             ..
         } = *extra;
+        // Held messages the replay covered are dropped, and so is any delivered already.
+        let covered = covered.unwrap_or(Position::Unknown);
         for (offset, payload) in held {
             let parsed = offset.as_deref().and_then(Offset::parse);
-            if let (Some(Position::At(c)), Some(o)) = (&covered, &parsed) {
-                if o.epoch == c.epoch && o.id <= c.id {
+            if let Some(o) = &parsed {
+                if covered.covers(o) {
                     continue;
                 }
+                if chan.delivered.covers(o) {
+                    self.duplicate();
+                    continue;
+                }
+                chan.delivered.advance(o.clone());
             }
             let born = offset
                 .as_deref()
@@ -742,6 +811,36 @@ mod tests {
         channels.take_unsent(conn, 10);
         let reads = channels.confirmed(conn, &["c".to_owned()], 100);
         assert_eq!(reads.catch_ups[0].from, Position::Unknown);
+    }
+
+    #[test]
+    fn a_message_arriving_twice_is_delivered_once_but_a_baseline_drops_nothing() {
+        let (hub, channels, outbox) = setup();
+        let conn = channels.connected();
+        subscribe(&hub, &channels, &outbox, conn);
+        // A baseline says the stream ends at 3 (read after the SUBSCRIBE, proven by a PING).
+        channels.baseline(
+            conn,
+            "c",
+            Ok(Read {
+                outcome: Outcome::Replay(Vec::new()),
+                position: Position::At(Offset::parse(&offset(3)).unwrap()),
+            }),
+        );
+        let n = channels.ping_sent();
+        channels.pong(conn, n);
+        // 2 was published before the baseline was read but arrives after it: delivered.
+        channels.on_message(conn, "c", Some(&offset(2)), b"2");
+        channels.on_message(conn, "c", Some(&offset(4)), b"4");
+        // The same messages again (a second subscription on the same node): not delivered.
+        channels.on_message(conn, "c", Some(&offset(4)), b"4");
+        channels.on_message(conn, "c", Some(&offset(2)), b"2");
+        channels.on_message(conn, "c", Some(&offset(5)), b"5");
+        let got = texts(&outbox);
+        assert_eq!(got.len(), 3, "{got:?}");
+        for (text, data) in got.iter().zip(["2", "4", "5"]) {
+            assert!(text.contains(&format!("\"data\":{data}")), "{text}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ use deadpool_redis::redis::{
     self,
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
+    cluster_read_routing::RandomReplicaStrategy,
     cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot},
     Msg, ProtocolVersion, PushInfo, PushKind,
 };
@@ -36,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::channels::{Channels, Reads};
 use super::commands::Commands;
 use super::subscriber::{backoff, HistoryWorker};
-use crate::config::RedisConfig;
+use crate::config::{ReadFrom, RedisConfig};
 use crate::metrics::Metrics;
 
 /// How long SSUBSCRIBEs that failed (their shard unreachable) wait before the next attempt.
@@ -85,6 +86,13 @@ impl ClusterSubscriber {
                 .retries(2)
                 .min_retry_wait(10)
                 .max_retry_wait(200);
+            // SSUBSCRIBE is a read to the crate: with a replica strategy it goes to one of
+            // the slot's replicas (the primary while the shard has none), and so do the
+            // crate's own resubscriptions after a reconnect.
+            let builder = match self.config.read_from {
+                ReadFrom::Primary => builder,
+                ReadFrom::Replica => builder.read_routing_strategy(RandomReplicaStrategy),
+            };
             let connected = match builder.build() {
                 Ok(client) => tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -197,6 +205,8 @@ impl ClusterSubscriber {
             (self.config.unsubscribe_delay_ms / 4).clamp(10, 250),
         ));
         sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Consecutive PING rounds in which the servers held fewer subscriptions than confirmed.
+        let mut short = 0;
         loop {
             self.unsubscribe_released(&conn).await;
             let failed = match self.subscribe_unsent(gen, &conn).await {
@@ -210,7 +220,7 @@ impl ClusterSubscriber {
                 }
             };
             if self.channels.take_ping_wanted() {
-                if let Err(e) = self.ping(gen, &conn).await {
+                if let Err(e) = self.ping(gen, &conn, &mut short).await {
                     return e;
                 }
             }
@@ -228,7 +238,7 @@ impl ClusterSubscriber {
                 _ = sweep.tick() => {}
                 _ = retry => {}
                 _ = ping.tick() => {
-                    if let Err(e) = self.ping(gen, &conn).await {
+                    if let Err(e) = self.ping(gen, &conn, &mut short).await {
                         return e;
                     }
                 }
@@ -311,7 +321,7 @@ impl ClusterSubscriber {
     /// were read while the subscriptions were in place. A node that refuses (it is down, its
     /// replica being promoted) is the cluster client's to handle; one that does not answer at
     /// all ends this client.
-    async fn ping(&self, gen: u64, conn: &ClusterConnection) -> Result<(), Lost> {
+    async fn ping(&self, gen: u64, conn: &ClusterConnection, short: &mut u32) -> Result<(), Lost> {
         let n = self.channels.ping_sent();
         let mut conn = conn.clone();
         let routing = RoutingInfo::MultiNode((
@@ -327,7 +337,7 @@ impl ClusterSubscriber {
             Ok(Ok(_)) => {
                 self.channels.pong(gen, n);
                 self.metrics.redis_shards.set(shards(&mut conn).await);
-                Ok(())
+                self.audit(&mut conn, short).await
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "a redis cluster node does not answer PING");
@@ -339,6 +349,66 @@ impl ClusterSubscriber {
             Err(_) => Err(Lost::Error("ping timed out".into())),
         }
     }
+}
+
+impl ClusterSubscriber {
+    /// Compare the subscriptions the servers hold for this client with the channels confirmed.
+    /// The cluster client can replace a node's connection (its recovery after a node is lost
+    /// reconnects from the seeds) and fail to subscribe the new one again, without a push to
+    /// say so: those channels would look live and receive nothing. Fewer held than confirmed
+    /// in two rounds in a row (one round can catch a slot move in flight) ends this client;
+    /// the next one subscribes everything and catches it up.
+    async fn audit(&self, conn: &mut ClusterConnection, short: &mut u32) -> Result<(), Lost> {
+        let confirmed = self.channels.subscribed();
+        if confirmed == 0 {
+            *short = 0;
+            return Ok(());
+        }
+        let Some(held) = held_subscriptions(conn).await else {
+            return Ok(());
+        };
+        if held >= confirmed {
+            *short = 0;
+            return Ok(());
+        }
+        *short += 1;
+        if *short < 2 {
+            return Ok(());
+        }
+        tracing::warn!(
+            held,
+            confirmed,
+            "redis cluster nodes hold fewer subscriptions than confirmed; subscribing afresh"
+        );
+        Err(Lost::Error("shard subscriptions lost".into()))
+    }
+}
+
+/// The shard channels this client's connections hold, summed over every node's `CLIENT INFO`
+/// (`ssub=`); `None` when some node does not answer.
+async fn held_subscriptions(conn: &mut ClusterConnection) -> Option<usize> {
+    let every_node = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None));
+    let reply = conn
+        .route_command(redis::cmd("CLIENT").arg("INFO").clone(), every_node)
+        .await
+        .ok()?;
+    let redis::Value::Map(answers) = reply else {
+        return None;
+    };
+    let mut held = 0;
+    for (_, answer) in answers {
+        let text = match answer {
+            redis::Value::BulkString(b) => String::from_utf8(b).ok()?,
+            redis::Value::VerbatimString { text, .. } => text,
+            redis::Value::SimpleString(s) => s,
+            _ => return None,
+        };
+        held += text
+            .split_ascii_whitespace()
+            .find_map(|field| field.strip_prefix("ssub="))
+            .and_then(|n| n.parse::<usize>().ok())?;
+    }
+    Some(held)
 }
 
 /// The number of shards (distinct slot owners) in the cluster client's view, from

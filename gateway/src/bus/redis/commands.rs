@@ -200,13 +200,17 @@ impl Commands {
                 if replies.len() != calls.len() {
                     return Err(BusError::Unavailable("unexpected pipeline reply".into()));
                 }
-                Ok(replies
-                    .into_iter()
-                    .map(|reply| match reply {
+                let mut results = Vec::with_capacity(replies.len());
+                for reply in replies {
+                    results.push(match reply {
+                        redis::Value::ServerError(e) if e.kind().is_some_and(not_yet) => {
+                            return Err(unavailable(&e));
+                        }
                         redis::Value::ServerError(e) => Err(e.to_string()),
                         reply => Ok(reply),
-                    })
-                    .collect())
+                    });
+                }
+                Ok(results)
             }
             Commands::Cluster(pool) => {
                 // The cluster connection routes each call to its keys' shard (loading the
@@ -258,11 +262,27 @@ async fn publish_on(
         .map_err(|e| BusError::Unavailable(e.to_string()))
 }
 
-/// Whether an error is about reaching Redis (retry later) rather than the command itself.
+/// Whether an error is about reaching Redis (retry later) rather than the command itself:
+/// the connection, the cluster's topology (MOVED, ASK, TRYAGAIN, CLUSTERDOWN), or a node not
+/// ready to answer yet.
 fn transport(e: &redis::RedisError) -> bool {
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_cluster_error()
+        || matches!(e.kind(), redis::ErrorKind::Server(kind) if not_yet(kind))
+}
+
+/// A server refusal that says "not now" rather than "never": a node still loading its data
+/// after a restart (a history read would find nothing yet), a replica whose primary is down.
+/// A catch-up retries these; it never takes them for lost history.
+fn not_yet(kind: redis::ServerErrorKind) -> bool {
+    matches!(
+        kind,
+        redis::ServerErrorKind::BusyLoading
+            | redis::ServerErrorKind::MasterDown
+            | redis::ServerErrorKind::TryAgain
+            | redis::ServerErrorKind::ClusterDown
+    )
 }

@@ -1,6 +1,10 @@
 //! The publisher's envelope (docs/REFERENCE.md §3 "Wire format"): a NUL byte, the offset
 //! `<epoch>:<stream id>`, `\n`, then the payload. Anything else is a live-only payload
 //! without an offset. And when a message with an offset was published, from its stream id.
+//!
+//! The gateways' own presence events (`join`/`leave`, docs/REFERENCE.md §8) travel on the
+//! channel too, as a NUL byte, `event`, `\n`, then the server frame: never an offset (`event`
+//! has no `:`), so they never enter history or move a channel's position.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +21,15 @@ pub fn envelope(raw: &[u8]) -> (Option<&str>, &[u8]) {
         Some((Some(offset), &rest[nl + 1..]))
     });
     parsed.unwrap_or((None, raw))
+}
+
+/// The head of a presence event on a channel.
+pub const EVENT_HEAD: &[u8] = b"\0event\n";
+
+/// The server frame carried by a presence event, or None for anything else.
+pub fn event(payload: &[u8]) -> Option<&str> {
+    let frame = std::str::from_utf8(payload.strip_prefix(EVENT_HEAD)?).ok()?;
+    frame.starts_with('{').then_some(frame)
 }
 
 /// When a message with this offset was published, as an `Instant`: the stream id's
@@ -53,6 +66,15 @@ mod tests {
             (None, &b"\0bad offset\nx"[..])
         );
         assert_eq!(envelope(b""), (None, &b""[..]));
+    }
+
+    #[test]
+    fn presence_events_are_never_messages_with_offsets() {
+        let raw = b"\0event\n{\"type\":\"join\"}";
+        assert_eq!(envelope(raw), (None, &raw[..]));
+        assert_eq!(event(raw), Some("{\"type\":\"join\"}"));
+        assert_eq!(event(b"{\"type\":\"join\"}"), None);
+        assert_eq!(event(b"\0event\nnot a frame"), None);
     }
 
     #[test]

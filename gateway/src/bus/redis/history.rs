@@ -31,6 +31,11 @@ pub enum Position {
 impl Position {
     /// Move to `offset` if it is newer: same epoch and a later id, or another epoch (a stream
     /// that restarted; any catch-up from either is `history_gone`, never a duplicate).
+    /// Whether `offset` is at or before this position in the same epoch: delivered already.
+    pub fn covers(&self, offset: &Offset) -> bool {
+        matches!(self, Position::At(at) if at.epoch == offset.epoch && offset.id <= at.id)
+    }
+
     pub fn advance(&mut self, offset: Offset) {
         match self {
             Position::At(at) if at.epoch == offset.epoch && at.id >= offset.id => {}

@@ -7,6 +7,8 @@
 //!   liveness, reconnect with backoff, resubscribe) and its reader; history reads run beside
 //!   it, so they never stall its PINGs or new subscriptions.
 //! - [`history`]: the history read script and what a read means (replay or `history_gone`).
+//! - [`presence`]: presence keys and scripts (shared with the publisher's server API), and
+//!   the presence events published on a channel.
 //!
 //! Messages from the publisher arrive in an envelope (docs/REFERENCE.md §5): a NUL
 //! byte, the offset `<epoch>:<stream id>`, `\n`, then the payload. The reader splits it and hands
@@ -18,6 +20,7 @@ mod cluster;
 mod commands;
 mod envelope;
 mod history;
+pub mod presence;
 mod subscriber;
 
 use std::sync::Arc;
@@ -34,6 +37,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::protocol::Offset;
 use channels::Channels;
+pub use channels::ControlSink;
 use commands::Commands;
 use history::{Outcome, Position, ReadRequest};
 
@@ -101,6 +105,12 @@ impl RedisBus {
 
     pub fn is_ready(&self) -> bool {
         self.channels.is_ready()
+    }
+
+    /// Subscribe the node's control channel for good and hand its payloads to `sink`.
+    pub fn on_control(&self, sink: channels::ControlSink) {
+        self.channels.on_control(sink);
+        self.channels.want(crate::protocol::CONTROL_CHANNEL);
     }
 
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), BusError> {
