@@ -135,7 +135,7 @@ impl Upgrade {
             let hyper::upgrade::Parts { io, read_buf, .. } = parts;
             let read = read_buf.to_vec();
             drop(read_buf);
-            let ws = Ws::new(io.into_inner(), read, config, queue_limit).await;
+            let ws = Ws::new(io.into_inner(), read, config, queue_limit);
             // The session is a task of its own: this one's state (the upgrade, the
             // configuration, the callback) would otherwise stay in every session's memory.
             tokio::spawn(callback(ws));

@@ -6,95 +6,78 @@
 //! - writes go through the session's [`Outbox`], the socket's only writer: text frames are
 //!   the pre-built wire bytes of [`Frame`] (framed once per message, never by tungstenite),
 //!   and tungstenite's own writes (pings, close frames, replies to the client's pings and
-//!   close) are owed to the outbox in order with them ([`WsIo`]'s `AsyncWrite`);
-//! - reads go through tokio-tungstenite, which parses and validates the client's frames.
+//!   close) are owed to the outbox in order with them ([`WsIo`]'s `Write`);
+//! - reads go through tungstenite, which parses and validates the client's frames (its
+//!   synchronous `WebSocket` over the non-blocking socket; this transport waits for
+//!   readiness).
 //!
 //! tungstenite's read and write errors map to the close codes of the protocol.
 
+use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{self, Message, WebSocket};
 
 use super::transport::{End, Inbound, Transport};
 use crate::metrics::reason;
-use crate::outbox::{Frame, Outbox};
+use crate::outbox::{Frame, Outbox, Wrote};
 use crate::protocol::close;
 
-/// The socket as tungstenite sees it: reads from the `TcpStream`, writes owed to the outbox.
+/// The socket as tungstenite sees it: non-blocking reads from the `TcpStream` (WouldBlock
+/// when nothing is there: [`Ws::read`] then waits for readiness), writes owed to the outbox
+/// in order with everything else owed to the socket.
 pub struct WsIo {
     socket: Arc<TcpStream>,
     outbox: Arc<Outbox>,
 }
 
-impl AsyncRead for WsIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            std::task::ready!(self.socket.poll_read_ready(cx))?;
-            match self.socket.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+impl io::Read for WsIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.try_read(buf)
     }
 }
 
-impl AsyncWrite for WsIo {
-    /// Accepts everything at once (tungstenite's writes are control frames, a few bytes), in
-    /// order after what the session owes already; written at once when the socket takes it.
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+impl io::Write for WsIo {
+    /// Accepts everything at once (tungstenite writes only control frames, a few bytes),
+    /// written at once when the socket takes it, or by the next flush.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.outbox.owe(Bytes::copy_from_slice(buf));
         self.outbox.write_wire()?;
-        Poll::Ready(Ok(buf.len()))
+        Ok(buf.len())
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.outbox.poll_flush_wire(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The socket closes when the session drops it; here only what is owed goes out.
-        self.outbox.poll_flush_wire(cx)
+    /// Never blocks: what the socket does not take stays owed ([`Ws::flush_wire`] waits).
+    fn flush(&mut self) -> io::Result<()> {
+        self.outbox.write_wire().map(|_| ())
     }
 }
 
-/// An upgraded WebSocket carrying one session.
+/// An upgraded WebSocket carrying one session: tungstenite's synchronous `WebSocket` over the
+/// non-blocking socket, driven by this transport's readiness waits (one task, so none of
+/// tokio-tungstenite's waker plumbing per connection).
 pub struct Ws {
     /// Boxed: the transport is moved through several layers of async functions, and each
-    /// keeps its own copy of its arguments in its future (about 300 bytes of tungstenite
-    /// state, per layer, per idle session, if it were inline).
-    ws: Box<WebSocketStream<WsIo>>,
+    /// keeps its own copy of its arguments in its future.
+    ws: Box<WebSocket<WsIo>>,
     outbox: Arc<Outbox>,
+    /// A read failed (a frame too large, a protocol error): tungstenite must not be read
+    /// again (it keeps the refused frame's header), so the close does not wait for a reply.
+    failed: bool,
 }
 
 impl Ws {
     /// The transport of a session on `socket`, whose upgrade request left `read` unparsed
     /// (bytes the client sent right behind it), with tungstenite's `config` for reading and
     /// an outbox bounded to `queue_limit` bytes.
-    pub async fn new(
+    pub fn new(
         socket: TcpStream,
         read: Vec<u8>,
         config: WebSocketConfig,
@@ -106,10 +89,11 @@ impl Ws {
             socket,
             outbox: outbox.clone(),
         };
-        let ws = WebSocketStream::from_partially_read(io, read, Role::Server, Some(config)).await;
+        let ws = WebSocket::from_partially_read(io, read, Role::Server, Some(config));
         Ws {
             ws: Box::new(ws),
             outbox,
+            failed: false,
         }
     }
 
@@ -118,6 +102,40 @@ impl Ws {
             .flush_wire()
             .await
             .map_err(|_| End::Gone(reason::IO_ERROR))
+    }
+
+    /// The client's next message. Cancel-safe: tungstenite keeps a partly read frame.
+    async fn read(&mut self) -> Result<Message, tungstenite::Error> {
+        if self.failed {
+            return Err(tungstenite::Error::AlreadyClosed);
+        }
+        let Ws { ws, outbox, .. } = self;
+        let read = poll_fn(|cx| loop {
+            match ws.read() {
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // A reply tungstenite owes (a pong) that the socket did not take: be
+                    // woken when it can, to write it.
+                    if let Ok(Wrote::Blocked) = outbox.write_wire() {
+                        let _ = ws.get_ref().socket.poll_write_ready(cx);
+                    }
+                    match ws.get_ref().socket.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                other => return Poll::Ready(other),
+            }
+        })
+        .await;
+        self.failed = read.is_err();
+        read
+    }
+
+    /// Hand a control message to tungstenite, then write it out.
+    async fn send(&mut self, message: Message) -> Result<(), End> {
+        self.ws.send(message).map_err(classify_error)?;
+        self.flush_wire().await
     }
 }
 
@@ -139,25 +157,21 @@ impl Transport for Ws {
     }
 
     async fn recv(&mut self) -> Inbound {
-        match self.ws.next().await {
-            None => Inbound::Lost(End::Gone(reason::CLIENT_CLOSE)),
-            Some(Err(e)) => Inbound::Lost(classify_error(e)),
-            Some(Ok(Message::Text(text))) => Inbound::Text(text),
-            Some(Ok(Message::Binary(_))) => {
+        match self.read().await {
+            Err(e) => Inbound::Lost(classify_error(e)),
+            Ok(Message::Text(text)) => Inbound::Text(text),
+            Ok(Message::Binary(_)) => {
                 Inbound::Refused(End::Close(close::UNSUPPORTED_DATA, reason::BINARY_FRAME))
             }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Inbound::Seen,
-            Some(Ok(Message::Close(_))) => Inbound::Refused(End::Gone(reason::CLIENT_CLOSE)),
+            Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Seen,
+            Ok(Message::Close(_)) => Inbound::Refused(End::Gone(reason::CLIENT_CLOSE)),
             // Raw frames are never returned when reading.
-            Some(Ok(Message::Frame(_))) => Inbound::Seen,
+            Ok(Message::Frame(_)) => Inbound::Seen,
         }
     }
 
     async fn ping(&mut self) -> Result<(), End> {
-        self.ws
-            .send(Message::Ping(Default::default()))
-            .await
-            .map_err(classify_error)
+        self.send(Message::Ping(Default::default())).await
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
@@ -165,24 +179,22 @@ impl Transport for Ws {
             code: CloseCode::from(code),
             reason: reason.into(),
         };
-        if self.ws.send(Message::Close(Some(frame))).await.is_err() {
+        if self.send(Message::Close(Some(frame))).await.is_err() {
             return;
         }
         // Then read until the client answers or goes away.
-        while let Some(Ok(msg)) = self.ws.next().await {
+        while let Ok(msg) = self.read().await {
             if matches!(msg, Message::Close(_)) {
                 break;
             }
         }
+        let _ = self.flush_wire().await;
     }
 
     async fn gone(&mut self) {
-        // Flush a close reply tungstenite may have queued for the client's close frame.
-        let _ = timeout(Duration::from_secs(1), async {
-            let _ = self.ws.flush().await;
-            let _ = self.flush_wire().await;
-        })
-        .await;
+        // Write a close reply tungstenite may owe for the client's close frame.
+        let _ = self.ws.flush();
+        let _ = timeout(Duration::from_secs(1), self.flush_wire()).await;
     }
 }
 
