@@ -389,8 +389,9 @@ impl Outbox {
     }
 
     /// Wait for the bit `bit` of `wake`, and clear it. Only the session task calls this.
-    async fn wait(&self, bit: u8) {
-        poll_fn(|cx| {
+    /// A plain closure future (no `async fn` layers): an idle session holds it.
+    fn wait(&self, bit: u8) -> impl std::future::Future<Output = ()> + Send + '_ {
+        poll_fn(move |cx| {
             if self.wake.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
                 return Poll::Ready(());
             }
@@ -402,17 +403,16 @@ impl Outbox {
                 Poll::Pending
             }
         })
-        .await
     }
 
     /// Wait until there is something to take or write, a signal, or an overflow. Cancel-safe.
-    pub async fn ready(&self) {
-        self.wait(READY).await
+    pub fn ready(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        self.wait(READY)
     }
 
     /// Wait until a write in progress must be interrupted: overflow or a signal. Cancel-safe.
-    pub async fn interrupted(&self) {
-        self.wait(ABORT).await
+    pub fn interrupted(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        self.wait(ABORT)
     }
 
     /// Move every queued frame into `batch` (which should be empty). Returns false when the

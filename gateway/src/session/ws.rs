@@ -13,7 +13,7 @@
 //!
 //! tungstenite's read and write errors map to the close codes of the protocol.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::sync::Arc;
 use std::task::Poll;
@@ -64,10 +64,14 @@ impl io::Write for WsIo {
 /// non-blocking socket, driven by this transport's readiness waits (one task, so none of
 /// tokio-tungstenite's waker plumbing per connection).
 pub struct Ws {
-    /// Boxed: the transport is moved through several layers of async functions, and each
-    /// keeps its own copy of its arguments in its future.
-    ws: Box<WebSocket<WsIo>>,
-    outbox: Arc<Outbox>,
+    /// Boxed, one pointer: the transport is moved through several layers of async functions,
+    /// and each keeps its own copy of its arguments in its future.
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    /// tungstenite over the socket; its `WsIo` holds the outbox.
+    ws: WebSocket<WsIo>,
     /// A read failed (a frame too large, a protocol error): tungstenite must not be read
     /// again (it keeps the refused frame's header), so the close does not wait for a reply.
     failed: bool,
@@ -85,56 +89,56 @@ impl Ws {
     ) -> Ws {
         let socket = Arc::new(socket);
         let outbox = Arc::new(Outbox::with_socket(queue_limit, Some(socket.clone())));
-        let io = WsIo {
-            socket,
-            outbox: outbox.clone(),
-        };
+        let io = WsIo { socket, outbox };
         let ws = WebSocket::from_partially_read(io, read, Role::Server, Some(config));
         Ws {
-            ws: Box::new(ws),
-            outbox,
-            failed: false,
+            inner: Box::new(Inner { ws, failed: false }),
         }
     }
 
     async fn flush_wire(&mut self) -> Result<(), End> {
-        self.outbox
+        self.outbox()
             .flush_wire()
             .await
             .map_err(|_| End::Gone(reason::IO_ERROR))
     }
 
-    /// The client's next message. Cancel-safe: tungstenite keeps a partly read frame.
-    async fn read(&mut self) -> Result<Message, tungstenite::Error> {
-        if self.failed {
-            return Err(tungstenite::Error::AlreadyClosed);
-        }
-        let Ws { ws, outbox, .. } = self;
-        let read = poll_fn(|cx| loop {
+    /// The client's next message. Cancel-safe: tungstenite keeps a partly read frame. A
+    /// plain closure future (no `async fn` layers): an idle session holds it.
+    fn read(&mut self) -> impl Future<Output = Result<Message, tungstenite::Error>> + Send + '_ {
+        let inner = &mut *self.inner;
+        poll_fn(move |cx| loop {
+            if inner.failed {
+                return Poll::Ready(Err(tungstenite::Error::AlreadyClosed));
+            }
+            let ws = &mut inner.ws;
             match ws.read() {
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     // A reply tungstenite owes (a pong) that the socket did not take: be
                     // woken when it can, to write it.
-                    if let Ok(Wrote::Blocked) = outbox.write_wire() {
+                    if let Ok(Wrote::Blocked) = ws.get_ref().outbox.write_wire() {
                         let _ = ws.get_ref().socket.poll_write_ready(cx);
                     }
                     match ws.get_ref().socket.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => continue,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                        Poll::Ready(Err(e)) => {
+                            inner.failed = true;
+                            return Poll::Ready(Err(e.into()));
+                        }
                         Poll::Pending => return Poll::Pending,
                     }
                 }
-                other => return Poll::Ready(other),
+                other => {
+                    inner.failed = other.is_err();
+                    return Poll::Ready(other);
+                }
             }
         })
-        .await;
-        self.failed = read.is_err();
-        read
     }
 
     /// Hand a control message to tungstenite, then write it out.
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        self.ws.send(message).map_err(classify_error)?;
+        self.inner.ws.send(message).map_err(classify_error)?;
         self.flush_wire().await
     }
 }
@@ -144,11 +148,11 @@ impl Transport for Ws {
     const PING_PROVES_LIFE: bool = false;
 
     fn outbox(&self) -> &Arc<Outbox> {
-        &self.outbox
+        &self.inner.ws.get_ref().outbox
     }
 
     async fn feed(&mut self, frame: Frame) -> Result<(), End> {
-        self.outbox.owe(frame.wire().clone());
+        self.outbox().owe(frame.wire().clone());
         Ok(())
     }
 
@@ -156,17 +160,20 @@ impl Transport for Ws {
         self.flush_wire().await
     }
 
-    async fn recv(&mut self) -> Inbound {
-        match self.read().await {
-            Err(e) => Inbound::Lost(classify_error(e)),
-            Ok(Message::Text(text)) => Inbound::Text(text),
-            Ok(Message::Binary(_)) => {
-                Inbound::Refused(End::Close(close::UNSUPPORTED_DATA, reason::BINARY_FRAME))
+    fn recv(&mut self) -> impl Future<Output = Inbound> + Send {
+        let read = self.read();
+        async move {
+            match read.await {
+                Err(e) => Inbound::Lost(classify_error(e)),
+                Ok(Message::Text(text)) => Inbound::Text(text),
+                Ok(Message::Binary(_)) => {
+                    Inbound::Refused(End::Close(close::UNSUPPORTED_DATA, reason::BINARY_FRAME))
+                }
+                Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Seen,
+                Ok(Message::Close(_)) => Inbound::Refused(End::Gone(reason::CLIENT_CLOSE)),
+                // Raw frames are never returned when reading.
+                Ok(Message::Frame(_)) => Inbound::Seen,
             }
-            Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Seen,
-            Ok(Message::Close(_)) => Inbound::Refused(End::Gone(reason::CLIENT_CLOSE)),
-            // Raw frames are never returned when reading.
-            Ok(Message::Frame(_)) => Inbound::Seen,
         }
     }
 
@@ -193,7 +200,7 @@ impl Transport for Ws {
 
     async fn gone(&mut self) {
         // Write a close reply tungstenite may owe for the client's close frame.
-        let _ = self.ws.flush();
+        let _ = self.inner.ws.flush();
         let _ = timeout(Duration::from_secs(1), self.flush_wire()).await;
     }
 }
