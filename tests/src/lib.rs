@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! # async fn demo() {
-//! use tests::{Cluster, WsClient};
+//! use tests::{Cluster, Frames, WsClient};
 //! let cluster = Cluster::builder().nodes(2).start().await;
 //! let mut a = WsClient::connect(&cluster.nodes[0].ws_url("channels=alerts")).await;
 //! a.expect_type("welcome").await;
