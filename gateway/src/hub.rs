@@ -7,8 +7,12 @@
 //! at once or queues it.
 //!
 //! The map is split into shards, each behind a std `RwLock` that is never held across
-//! `.await`: fan-out takes a read lock on one shard, so subscribes on other channels (and
-//! fan-outs on the same one) are not stalled.
+//! `.await`: fan-out takes a read lock on one shard, so subscribes on channels of other
+//! shards (and fan-outs on the same one) are not stalled. The read lock is held while the
+//! fan-out writes to the sockets of waiting sessions (non-blocking writes): that is what
+//! keeps a message from reaching a session after its `unsubscribed`, and it means a
+//! subscribe or unsubscribe on a channel of the same shard (1 in 32) waits for that fan-out,
+//! about 7 µs per socket written.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
