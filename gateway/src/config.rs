@@ -93,6 +93,9 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// How long shutdown waits for sessions to close.
     pub drain_timeout_ms: u64,
+    /// Batch the fan-out's socket writes through io_uring where the kernel allows it
+    /// (`outbox::write_all`); false = one vectored write per socket. Applies to the process.
+    pub io_uring: bool,
 }
 
 /// Recovery from the publisher's per-channel streams (docs/REFERENCE.md §5); Redis bus only.
@@ -266,6 +269,7 @@ impl Default for Config {
             presence_channels: vec!["chat:*".into()],
             presence: PresenceConfig::default(),
             drain_timeout_ms: 10_000,
+            io_uring: true,
         }
     }
 }

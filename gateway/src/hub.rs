@@ -3,16 +3,16 @@
 //! The hub never touches sockets or Redis. It answers "was this the first local subscriber /
 //! the last one gone?" so the caller can tell the bus, and for every message it builds the
 //! frame once (the WebSocket frame's wire bytes, [`Frame`]) and pushes a refcounted clone
-//! into each subscriber's [`Outbox`], which writes it to a waiting WebSocket session's socket
-//! at once or queues it.
+//! into each subscriber's [`Outbox`], which owes it to a waiting WebSocket session's socket
+//! or queues it; the owed sockets are written together when the fan-out ends.
 //!
 //! The map is split into shards, each behind a std `RwLock` that is never held across
 //! `.await`: fan-out takes a read lock on one shard, so subscribes on channels of other
-//! shards (and fan-outs on the same one) are not stalled. The read lock is held while the
-//! fan-out writes to the sockets of waiting sessions (non-blocking writes): that is what
-//! keeps a message from reaching a session after its `unsubscribed`, and it means a
-//! subscribe or unsubscribe on a channel of the same shard (1 in 32) waits for that fan-out,
-//! about 7 µs per socket written.
+//! shards (and fan-outs on the same one) are not stalled. Every fan-out runs under a cork
+//! ([`corked`]): under the read lock the frame is only owed to each waiting session's socket
+//! (or queued), and the sockets are written after the lock is released, all together
+//! (`outbox::write_all`). A session that unsubscribes takes the write lock, so a message owed
+//! to it before is still owed before its `unsubscribed`, and none is owed after.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -49,9 +49,11 @@ thread_local! {
 /// Run `f`, which fans out several messages (everything Redis delivered in one read), with
 /// the socket writes corked: each WebSocket session in its steady state gets the frames of
 /// all those messages in one (vectored) write when `f` returns, instead of one write per
-/// message, as uWebSockets corks a loop turn's writes. Each message is still framed once;
-/// nothing is woken per socket; a socket that cannot take everything is finished by its own
-/// session, which is woken for that.
+/// message, as uWebSockets corks a loop turn's writes, and all those sockets are written
+/// together (`outbox::write_all`: one kernel entry per 64 sockets where io_uring is
+/// allowed). Each message is still framed once; nothing is woken per socket; a socket that
+/// cannot take everything is finished by its own session, which is woken for that.
+/// [`Hub::publish`] outside a cork corks itself.
 pub fn corked<R>(f: impl FnOnce() -> R) -> R {
     /// Lifts the cork when `f` returns or unwinds, so a panic never leaves frames owed.
     struct Lift;
@@ -72,13 +74,7 @@ pub fn corked<R>(f: impl FnOnce() -> R) -> R {
 }
 
 fn uncork(cork: Cork) {
-    for outbox in &cork.dirty {
-        match outbox.write_wire() {
-            Ok(crate::outbox::Wrote::All) => {}
-            // Full or failing: the session writes the rest, or finds out why it cannot.
-            _ => outbox.wake_writer(),
-        }
-    }
+    crate::outbox::write_all(&cork.dirty);
     let now = Instant::now();
     for (born, n, histogram) in &cork.owed {
         let latency = now.saturating_duration_since(*born).as_secs_f64();
@@ -215,6 +211,11 @@ impl Hub {
         offset: Option<&str>,
         born: Instant,
     ) -> usize {
+        if CORK.with_borrow(Option::is_none) {
+            // A lone message is a batch of one: its socket writes go out together, after the
+            // shard's lock is released.
+            return corked(|| self.publish(channel, payload, offset, born));
+        }
         let shard = Self::read(self.shard(channel));
         let Some(subs) = shard.get(channel) else {
             return 0;
@@ -224,11 +225,7 @@ impl Hub {
         CORK.with_borrow_mut(|cork| {
             let mut owed = 0;
             for (_, outbox) in subs {
-                let push = match cork {
-                    Some(_) => outbox.push_corked(frame.clone()),
-                    None => outbox.push(frame.clone()),
-                };
-                match push {
+                match outbox.push_corked(frame.clone()) {
                     Push::Written => {
                         queued += 1;
                         self.metrics
@@ -347,6 +344,11 @@ mod tests {
             outboxes.push(outbox);
         }
         assert_eq!(hub.publish("c", b"1", None, Instant::now()), 2);
+        // Where the kernel allows io_uring, the fan-out's writes went through this thread's
+        // ring (one kernel entry for both sockets).
+        if sendbatch::Ring::new(8).is_ok() {
+            assert!(crate::outbox::batched_on_this_thread());
+        }
         for client in &mut clients {
             let mut got = vec![0; frame(b'1').len()];
             client.read_exact(&mut got).unwrap();

@@ -7,11 +7,13 @@
 //! session closes with 4000 (docs/REFERENCE.md §2). The hub never waits on a session.
 //!
 //! The hot path (a WebSocket session in its steady state, nothing queued): the hub's
-//! [`Outbox::push`] writes the message's pre-built wire bytes (one WebSocket frame, framed
-//! once per message and shared by every subscriber, [`Frame`]) straight into the socket with
-//! a non-blocking `try_write`, and wakes nothing. Only what cannot be written at once (a full
-//! socket, a partial write) is queued, and only then is the session woken, once per batch,
-//! to write the backlog with vectored writes when the socket is writable. Every write to the
+//! [`Outbox::push_corked`] owes the message's pre-built wire bytes (one WebSocket frame,
+//! framed once per message and shared by every subscriber, [`Frame`]) to the socket, and when
+//! the fan-out ends [`write_all`] writes every owed socket with non-blocking sends (batched
+//! through io_uring, `outbox/batch.rs`), waking nothing. ([`Outbox::push`], for frames sent
+//! outside a fan-out, writes at once with `try_write`.) Only what cannot be written at once (a
+//! full socket, a partial write) is left to the session, which is woken once per batch to
+//! write the backlog with vectored writes when the socket is writable. Every write to the
 //! socket happens under the outbox's lock and starts at the head of what is owed (`wire`), so
 //! frames never interleave, whoever writes them.
 //!
@@ -35,6 +37,11 @@ use std::time::Instant;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use tokio::net::TcpStream;
+
+mod batch;
+#[cfg(test)]
+pub use batch::testing::uses_ring as batched_on_this_thread;
+pub use batch::{configure as configure_batched_writes, write_all};
 
 /// One outgoing text frame, built once and shared (refcounted) by every session it goes to:
 /// the WebSocket frame as it goes on the wire (an unmasked server frame: the same bytes for
@@ -148,6 +155,34 @@ struct State {
     /// The session is in its steady state: the hub may write to the socket itself when
     /// nothing is queued or owed.
     direct: bool,
+}
+
+impl State {
+    /// Up to `MAX_IOV` slices of what is owed, from the first unwritten byte, into `out`.
+    fn owed_slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        for (i, bytes) in self.wire.iter().take(MAX_IOV).enumerate() {
+            let from = if i == 0 { self.written } else { 0 };
+            out.push(IoSlice::new(&bytes[from..]));
+        }
+    }
+
+    /// The socket took `wrote` more bytes of what is owed.
+    fn advance(&mut self, mut wrote: usize) {
+        while wrote > 0 {
+            let Some(head) = self.wire.front() else {
+                return;
+            };
+            let left = head.len() - self.written;
+            if wrote >= left {
+                wrote -= left;
+                self.wire.pop_front();
+                self.written = 0;
+            } else {
+                self.written += wrote;
+                wrote = 0;
+            }
+        }
+    }
 }
 
 /// How far [`Outbox::write_wire`] got.
@@ -311,31 +346,15 @@ impl Outbox {
         let state = &mut *state;
         while !state.wire.is_empty() {
             let result = {
-                let mut slices = [IoSlice::new(&[]); MAX_IOV];
-                let mut n = 0;
-                for (slot, bytes) in slices.iter_mut().zip(state.wire.iter()) {
-                    let from = if n == 0 { state.written } else { 0 };
-                    *slot = IoSlice::new(&bytes[from..]);
-                    n += 1;
-                }
-                socket.try_write_vectored(&slices[..n])
+                let mut slices = Vec::with_capacity(state.wire.len().min(MAX_IOV));
+                state.owed_slices(&mut slices);
+                socket.try_write_vectored(&slices)
             };
-            let mut wrote = match result {
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(wrote) => wrote,
+                Ok(wrote) => state.advance(wrote),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Wrote::Blocked),
                 Err(e) => return Err(e),
-            };
-            while wrote > 0 {
-                let left = state.wire[0].len() - state.written;
-                if wrote >= left {
-                    wrote -= left;
-                    state.wire.pop_front();
-                    state.written = 0;
-                } else {
-                    state.written += wrote;
-                    wrote = 0;
-                }
             }
         }
         Ok(Wrote::All)
@@ -447,208 +466,4 @@ impl Outbox {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-    use tokio::io::AsyncReadExt;
-
-    fn frame(s: &str) -> Frame {
-        Frame::new(s.to_owned(), Instant::now())
-    }
-
-    #[test]
-    fn frames_are_websocket_text_frames() {
-        let f = frame("hi");
-        assert_eq!(&f.wire()[..], b"\x81\x02hi");
-        assert_eq!(f.text(), "hi");
-        let long = "x".repeat(300);
-        let f = frame(&long);
-        assert_eq!(&f.wire()[..4], &[0x81, 126, 1, 44]);
-        assert_eq!(f.text(), long);
-        let huge = "y".repeat(70_000);
-        let f = frame(&huge);
-        assert_eq!(&f.wire()[..2], &[0x81, 127]);
-        assert_eq!(&f.wire()[2..10], &70_000u64.to_be_bytes());
-        assert_eq!(f.text().len(), 70_000);
-    }
-
-    #[test]
-    fn overflow_drops_and_closes() {
-        let q = Outbox::new(16);
-        assert_eq!(q.push(frame("12345")), Push::Queued);
-        assert_eq!(q.push(frame("12345")), Push::Queued);
-        assert_eq!(q.push(frame("1")), Push::Overflowed { dropped: 3 });
-        assert_eq!(q.push(frame("1")), Push::Closed);
-        let mut batch = VecDeque::new();
-        assert!(!q.take(&mut batch));
-        assert!(batch.is_empty());
-        assert!(q.overflowed());
-    }
-
-    #[test]
-    fn take_drains_and_frees_budget() {
-        let q = Outbox::new(14);
-        q.push(frame("12345"));
-        q.push(frame("12345"));
-        let mut batch = VecDeque::new();
-        assert!(q.take(&mut batch));
-        assert_eq!(batch.len(), 2);
-        assert_eq!(q.push(frame("1234567890")), Push::Queued);
-    }
-
-    #[tokio::test]
-    async fn one_wakeup_per_batch() {
-        let q = Outbox::new(1000);
-        q.push(frame("a"));
-        q.push(frame("b"));
-        // The bit set by the first push completes this at once.
-        tokio::time::timeout(Duration::from_secs(1), q.ready())
-            .await
-            .unwrap();
-        let mut batch = VecDeque::new();
-        q.take(&mut batch);
-        assert_eq!(batch.len(), 2);
-        // The second push (queue not empty) set nothing.
-        assert!(tokio::time::timeout(Duration::from_millis(50), q.ready())
-            .await
-            .is_err());
-        // A plain push does not interrupt writes; overflow and signals do.
-        q.push(frame("c"));
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), q.interrupted())
-                .await
-                .is_err()
-        );
-        q.signal(signal::BEAT);
-        tokio::time::timeout(Duration::from_secs(1), q.interrupted())
-            .await
-            .unwrap();
-        assert_eq!(q.take_signals(), signal::BEAT);
-        assert_eq!(q.take_signals(), 0);
-    }
-
-    #[tokio::test]
-    async fn wakes_a_waiting_task() {
-        let q = std::sync::Arc::new(Outbox::new(1000));
-        let waiter = tokio::spawn({
-            let q = q.clone();
-            async move { q.ready().await }
-        });
-        tokio::task::yield_now().await;
-        q.push(frame("x"));
-        tokio::time::timeout(Duration::from_secs(1), waiter)
-            .await
-            .unwrap()
-            .unwrap();
-    }
-
-    /// A connected loopback pair: the outbox's socket and the client's end.
-    async fn pair() -> (Arc<TcpStream>, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        (Arc::new(accepted.unwrap().0), client.unwrap())
-    }
-
-    /// The hot path's shape: in the steady state a frame with nothing queued before it goes
-    /// to the socket from the pusher, whole, and wakes nobody; the bytes are the shared frame.
-    #[tokio::test]
-    async fn steady_state_writes_directly_and_wakes_nobody() {
-        let (socket, mut client) = pair().await;
-        let q = Outbox::with_socket(1 << 20, Some(socket));
-        // Not in the steady state yet: queued, and the session is woken.
-        assert_eq!(q.push(frame("first")), Push::Queued);
-        tokio::time::timeout(Duration::from_secs(1), q.ready())
-            .await
-            .unwrap();
-        let mut batch = VecDeque::new();
-        q.take(&mut batch);
-        for f in &batch {
-            q.owe(f.wire().clone());
-        }
-        q.flush_wire().await.unwrap();
-        q.set_direct(true);
-        let shared = frame("second");
-        for _ in 0..3 {
-            assert_eq!(q.push(shared.clone()), Push::Written);
-        }
-        assert!(tokio::time::timeout(Duration::from_millis(50), q.ready())
-            .await
-            .is_err());
-        let mut expected = b"\x81\x05first".to_vec();
-        for _ in 0..3 {
-            expected.extend_from_slice(b"\x81\x06second");
-        }
-        let mut got = vec![0; expected.len()];
-        client.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, expected);
-        // The session takes over (a client frame to answer): frames queue again.
-        q.set_direct(false);
-        assert_eq!(q.push(frame("third")), Push::Queued);
-    }
-
-    /// A client that stops reading: once the socket is full, frames queue (with one wake-up),
-    /// what was owed is finished first, in order, and the byte bound still closes the session.
-    #[tokio::test]
-    async fn a_full_socket_queues_in_order_and_overflows() {
-        let (socket, mut client) = pair().await;
-        socket.writable().await.unwrap();
-        let q = Outbox::with_socket(64 * 1024, Some(socket));
-        q.set_direct(true);
-        let text = "z".repeat(1000);
-        let mut written = 0usize;
-        while q.push(frame(&text)) == Push::Written {
-            written += 1;
-            assert!(written < 100_000, "a socket that never fills");
-        }
-        assert!(written > 0);
-        tokio::time::timeout(Duration::from_secs(1), q.ready())
-            .await
-            .unwrap();
-        // Now the client reads everything; the session writes what it owes and the queue.
-        let reader = tokio::spawn(async move {
-            let mut all = Vec::new();
-            let mut buf = vec![0; 1 << 16];
-            loop {
-                match client.read(&mut buf).await {
-                    Ok(0) | Err(_) => return all,
-                    Ok(n) => all.extend_from_slice(&buf[..n]),
-                }
-            }
-        });
-        q.set_direct(false);
-        let mut batch = VecDeque::new();
-        q.take(&mut batch);
-        let queued = batch.len();
-        for f in &batch {
-            q.owe(f.wire().clone());
-        }
-        q.flush_wire().await.unwrap();
-        // Every frame pushed arrives once, whole: the written ones, then the one that found
-        // the socket full (queued, or partly written and owed).
-        assert!(queued <= 1);
-        let total = written + 1;
-        drop(q);
-        let all = tokio::time::timeout(Duration::from_secs(5), reader)
-            .await
-            .unwrap()
-            .unwrap();
-        let one = frame(&text);
-        assert_eq!(all.len(), total * one.len());
-        assert!(all.chunks(one.len()).all(|c| c == &one.wire()[..]));
-
-        // Overflow still bounds a session whose socket is full.
-        let (socket, _client) = pair().await;
-        let q = Outbox::with_socket(16 * 1024, Some(socket));
-        q.set_direct(true);
-        let mut result = Push::Written;
-        for _ in 0..100_000 {
-            result = q.push(frame(&text));
-            if matches!(result, Push::Overflowed { .. }) {
-                break;
-            }
-        }
-        assert!(matches!(result, Push::Overflowed { .. }));
-        assert!(q.overflowed());
-    }
-}
+mod tests;

@@ -69,6 +69,10 @@ pub async fn run(
     let presence_writer = tokio::spawn(node.presence.clone().run(background.clone()));
     control::start(&node, background.clone());
     tokio::spawn(node.relay.clone().run(background.clone()));
+    let writes = match crate::outbox::configure_batched_writes(node.config.io_uring) {
+        Ok(()) => "io_uring batches".to_owned(),
+        Err(why) => format!("one writev per socket ({why})"),
+    };
     tracing::info!(
         node = %node.node_name,
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -76,6 +80,7 @@ pub async fn run(
         bus = if node.config.redis.is_cluster() { "redis cluster" } else if node.config.redis.enabled() { "redis" } else { "memory" },
         redis = %node.config.redis.url.as_deref().map_or_else(|| "none".into(), crate::config::redact_url),
         auth = node.verifier.is_some(),
+        writes = %writes,
         "gateway serving"
     );
 

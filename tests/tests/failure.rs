@@ -8,9 +8,22 @@ use tests::{eventually, redis, Cluster, GatewayNode, WsClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_with_4000_and_others_get_everything() {
+    slow_consumer_on_write_path("true").await;
+}
+
+/// The same with `io_uring = false`: the fan-out's fallback write path (one vectored write per
+/// socket, for kernels and sandboxes that refuse io_uring) keeps the same guarantees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_io_uring_a_client_that_stops_reading_is_closed_with_4000_and_others_get_everything(
+) {
+    slow_consumer_on_write_path("false").await;
+}
+
+async fn slow_consumer_on_write_path(io_uring: &str) {
     let cluster = Cluster::builder()
         .nodes(1)
         .env("GATEWAY__LIMITS__SEND_QUEUE_BYTES", "65536")
+        .env("GATEWAY__IO_URING", io_uring)
         .start()
         .await;
     let node = &cluster.nodes[0];
