@@ -18,7 +18,7 @@ fn fanout(c: &mut Criterion) {
         let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
             .map(|i| {
                 let outbox = Arc::new(Outbox::new(1 << 20));
-                hub.subscribe("bench", i as u64, &outbox);
+                hub.subscribe(&"bench".into(), i as u64, &outbox);
                 outbox
             })
             .collect();

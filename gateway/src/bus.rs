@@ -78,7 +78,7 @@ impl Bus {
     }
 
     /// The hub has its first local subscriber for `channel`: the node must receive it.
-    pub fn want(&self, channel: &str) {
+    pub fn want(&self, channel: &Arc<str>) {
         match self {
             Bus::Memory(_) => {}
             Bus::Redis(bus) => bus.want(channel),

@@ -88,7 +88,8 @@ fn uncork(cork: Cork) {
 /// fastest), most channels have one subscriber (personal channels), and removal is a scan
 /// plus `swap_remove`, a few µs even for 10,000 subscribers.
 type Subscribers = Vec<(SessionId, Arc<Outbox>)>;
-type Shard = HashMap<Box<str>, Subscribers>;
+/// Keyed by the channel's name as the session holds it (shared, not copied).
+type Shard = HashMap<Arc<str>, Subscribers>;
 
 /// Result of [`Hub::subscribe`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,16 +139,21 @@ impl Hub {
         lock.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn subscribe(&self, channel: &str, session: SessionId, outbox: &Arc<Outbox>) -> Subscribed {
+    pub fn subscribe(
+        &self,
+        channel: &Arc<str>,
+        session: SessionId,
+        outbox: &Arc<Outbox>,
+    ) -> Subscribed {
         let mut shard = Self::write(self.shard(channel));
-        let result = match shard.get_mut(channel) {
+        let result = match shard.get_mut(&**channel) {
             Some(subs) if subs.iter().any(|(id, _)| *id == session) => Subscribed::Already,
             Some(subs) => {
                 subs.push((session, outbox.clone()));
                 Subscribed::Added
             }
             None => {
-                shard.insert(channel.into(), vec![(session, outbox.clone())]);
+                shard.insert(channel.clone(), vec![(session, outbox.clone())]);
                 Subscribed::First
             }
         };
@@ -287,9 +293,9 @@ mod tests {
         let hub = Hub::new(Metrics::new());
         let a = Arc::new(Outbox::new(1 << 20));
         let b = Arc::new(Outbox::new(1 << 20));
-        assert_eq!(hub.subscribe("c", 1, &a), Subscribed::First);
-        assert_eq!(hub.subscribe("c", 2, &b), Subscribed::Added);
-        assert_eq!(hub.subscribe("c", 2, &b), Subscribed::Already);
+        assert_eq!(hub.subscribe(&"c".into(), 1, &a), Subscribed::First);
+        assert_eq!(hub.subscribe(&"c".into(), 2, &b), Subscribed::Added);
+        assert_eq!(hub.subscribe(&"c".into(), 2, &b), Subscribed::Already);
         assert_eq!(hub.publish("c", b"{\"x\":1}", None, Instant::now()), 2);
         assert_eq!(hub.publish("other", b"1", None, Instant::now()), 0);
         let (mut fa, mut fb) = (VecDeque::new(), VecDeque::new());
@@ -335,12 +341,12 @@ mod tests {
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
             clients.push(client);
-            let socket = Arc::new(listener.accept().await.unwrap().0);
+            let socket = listener.accept().await.unwrap().0;
             // As a session's socket is long before its steady state: known to be writable.
             socket.writable().await.unwrap();
             let outbox = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
             outbox.set_direct(true);
-            hub.subscribe("c", id, &outbox);
+            hub.subscribe(&"c".into(), id, &outbox);
             outboxes.push(outbox);
         }
         assert_eq!(hub.publish("c", b"1", None, Instant::now()), 2);

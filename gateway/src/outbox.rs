@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -140,6 +140,49 @@ const ABORT: u8 = 1 << 1;
 /// At most this many frames per vectored write (well under any `IOV_MAX`).
 const MAX_IOV: usize = 64;
 
+/// Bytes owed to a socket, in order. The first is kept inline: in the steady state a
+/// socket is owed one frame at a time (the fan-out's, written at once), which then costs no
+/// allocation, and an idle session keeps no buffer (a `VecDeque` keeps its capacity).
+#[derive(Default)]
+struct Owed {
+    head: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.head.is_none()
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.head.is_some()) + self.rest.len()
+    }
+
+    fn push_back(&mut self, bytes: Bytes) {
+        if self.head.is_none() {
+            self.head = Some(bytes);
+        } else {
+            self.rest.push_back(bytes);
+        }
+    }
+
+    fn front(&self) -> Option<&Bytes> {
+        self.head.as_ref()
+    }
+
+    fn pop_front(&mut self) {
+        self.head = self.rest.pop_front();
+        if self.rest.is_empty() && self.rest.capacity() > 0 {
+            // A backlog is over: give its buffer back.
+            self.rest = VecDeque::new();
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.head.iter().chain(self.rest.iter())
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Frames the hub queued that the session has not taken yet.
@@ -148,7 +191,7 @@ struct State {
     /// WebSocket sessions: bytes owed to the socket, in order (frames the session fed, a
     /// partial direct write's rest, tungstenite's control frames). The head may be partly
     /// written already (`written` bytes of it).
-    wire: VecDeque<Bytes>,
+    wire: Owed,
     written: usize,
     closed: bool,
     overflowed: bool,
@@ -206,9 +249,9 @@ pub struct Outbox {
     /// `signal::*` bits not yet seen by the session.
     signals: AtomicU8,
     limit: usize,
-    /// A WebSocket session's socket (shared with its transport, which reads it). Written
-    /// only under `state`'s lock.
-    socket: Option<Arc<TcpStream>>,
+    /// A WebSocket session's socket (its transport reads it through [`Outbox::socket`]).
+    /// Written only under `state`'s lock.
+    socket: Option<TcpStream>,
 }
 
 impl Outbox {
@@ -218,7 +261,7 @@ impl Outbox {
     }
 
     /// An outbox that owns the write side of a WebSocket session's `socket`.
-    pub fn with_socket(limit: usize, socket: Option<Arc<TcpStream>>) -> Outbox {
+    pub fn with_socket(limit: usize, socket: Option<TcpStream>) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
@@ -270,7 +313,7 @@ impl Outbox {
             state.wire.push_back(frame.wire);
             return Push::Owed { first };
         }
-        if let Some(socket) = self.socket.as_deref() {
+        if let Some(socket) = self.socket.as_ref() {
             if state.direct && state.frames.is_empty() && state.wire.is_empty() {
                 match socket.try_write(&frame.wire) {
                     Ok(n) if n == len => return Push::Written,
@@ -324,7 +367,7 @@ impl Outbox {
     }
 
     /// The WebSocket session's socket, if this outbox writes one.
-    pub fn socket(&self) -> Option<&Arc<TcpStream>> {
+    pub fn socket(&self) -> Option<&TcpStream> {
         self.socket.as_ref()
     }
 
@@ -339,7 +382,7 @@ impl Outbox {
     /// Write what is owed to the socket, in vectored writes, until it is all written or the
     /// socket is full. Never waits.
     pub fn write_wire(&self) -> io::Result<Wrote> {
-        let Some(socket) = self.socket.as_deref() else {
+        let Some(socket) = self.socket.as_ref() else {
             return Ok(Wrote::All);
         };
         let mut state = self.lock();
@@ -363,7 +406,7 @@ impl Outbox {
     /// Write everything owed, waiting for the socket as needed. Cancel-safe: what is not
     /// written stays owed.
     pub async fn flush_wire(&self) -> io::Result<()> {
-        let Some(socket) = self.socket.as_deref() else {
+        let Some(socket) = self.socket.as_ref() else {
             return Ok(());
         };
         while self.write_wire()? == Wrote::Blocked {
@@ -374,7 +417,7 @@ impl Outbox {
 
     /// [`Outbox::flush_wire`] for a poll-based writer (tungstenite's, through the transport).
     pub fn poll_flush_wire(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-        let Some(socket) = self.socket.as_deref() else {
+        let Some(socket) = self.socket.as_ref() else {
             return Poll::Ready(Ok(()));
         };
         loop {

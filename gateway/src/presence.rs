@@ -378,7 +378,7 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(presence.clone().run(stop.clone()));
         let outbox = Arc::new(Outbox::new(1 << 20));
-        hub.subscribe("chat:a", 1, &outbox);
+        hub.subscribe(&"chat:a".into(), 1, &outbox);
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         presence.join("chat:a", a, "alice");
         presence.join("chat:a", b, "bob");

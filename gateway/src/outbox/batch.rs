@@ -90,7 +90,7 @@ fn write_chunk(ring: &mut sendbatch::Ring, chunk: &[Arc<Outbox>]) {
     let mut held: Vec<(&Outbox, &TcpStream, MutexGuard<'_, State>)> =
         Vec::with_capacity(chunk.len());
     for outbox in chunk {
-        let Some(socket) = outbox.socket.as_deref() else {
+        let Some(socket) = outbox.socket.as_ref() else {
             continue;
         };
         let state = match outbox.state.try_lock() {

@@ -1,6 +1,7 @@
 //! The outbox's unit tests: the queue, its wake-ups, and the socket hot path.
 
 use super::*;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
@@ -95,11 +96,11 @@ async fn wakes_a_waiting_task() {
 }
 
 /// A connected loopback pair: the outbox's socket and the client's end.
-async fn pair() -> (Arc<TcpStream>, TcpStream) {
+async fn pair() -> (TcpStream, TcpStream) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = TcpStream::connect(listener.local_addr().unwrap());
     let (client, accepted) = tokio::join!(client, listener.accept());
-    (Arc::new(accepted.unwrap().0), client.unwrap())
+    (accepted.unwrap().0, client.unwrap())
 }
 
 /// The hot path's shape: in the steady state a frame with nothing queued before it goes

@@ -35,13 +35,22 @@ use crate::protocol::close;
 /// when nothing is there: [`Ws::read`] then waits for readiness), writes owed to the outbox
 /// in order with everything else owed to the socket.
 pub struct WsIo {
-    socket: Arc<TcpStream>,
+    /// Owns the socket (`Outbox::socket`): one allocation per session, not two.
     outbox: Arc<Outbox>,
+}
+
+impl WsIo {
+    fn socket(&self) -> io::Result<&TcpStream> {
+        // `Ws::new` always builds the outbox with the socket.
+        self.outbox
+            .socket()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
 }
 
 impl io::Read for WsIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket.try_read(buf)
+        self.socket()?.try_read(buf)
     }
 }
 
@@ -87,9 +96,8 @@ impl Ws {
         config: WebSocketConfig,
         queue_limit: usize,
     ) -> Ws {
-        let socket = Arc::new(socket);
-        let outbox = Arc::new(Outbox::with_socket(queue_limit, Some(socket.clone())));
-        let io = WsIo { socket, outbox };
+        let outbox = Arc::new(Outbox::with_socket(queue_limit, Some(socket)));
+        let io = WsIo { outbox };
         let ws = WebSocket::from_partially_read(io, read, Role::Server, Some(config));
         Ws {
             inner: Box::new(Inner { ws, failed: false }),
@@ -116,10 +124,18 @@ impl Ws {
                 Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
                     // A reply tungstenite owes (a pong) that the socket did not take: be
                     // woken when it can, to write it.
-                    if let Ok(Wrote::Blocked) = ws.get_ref().outbox.write_wire() {
-                        let _ = ws.get_ref().socket.poll_write_ready(cx);
+                    let io = ws.get_ref();
+                    let socket = match io.socket() {
+                        Ok(socket) => socket,
+                        Err(e) => {
+                            inner.failed = true;
+                            return Poll::Ready(Err(e.into()));
+                        }
+                    };
+                    if let Ok(Wrote::Blocked) = io.outbox.write_wire() {
+                        let _ = socket.poll_write_ready(cx);
                     }
-                    match ws.get_ref().socket.poll_read_ready(cx) {
+                    match socket.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => continue,
                         Poll::Ready(Err(e)) => {
                             inner.failed = true;

@@ -117,13 +117,13 @@ struct State {
     /// The current connection's number; work for an older one is ignored.
     conn: u64,
     connected: bool,
-    map: HashMap<Box<str>, Chan>,
+    map: HashMap<Arc<str>, Chan>,
     /// Channels that may need a SUBSCRIBE on the current connection (checked when taken).
-    unsent: Vec<Box<str>>,
+    unsent: Vec<Arc<str>>,
     /// Channels with a release time (checked when due).
-    releasing: Vec<Box<str>>,
+    releasing: Vec<Arc<str>>,
     /// Channels with a provisional baseline.
-    provisional: Vec<Box<str>>,
+    provisional: Vec<Arc<str>>,
     /// PINGs sent on the current connection; a baseline asks for one more to be answered.
     pings_sent: u64,
     /// A baseline waits for a PING: the subscriber should send one now.
@@ -194,15 +194,16 @@ impl Channels {
 
     // --- sessions (through the hub's first/last subscriber) ---
 
-    /// The hub has a first local subscriber for `channel`.
-    pub fn want(&self, channel: &str) {
+    /// The hub has a first local subscriber for `channel` (its name is shared, not copied:
+    /// a personal channel's name is one allocation for the session, the hub and the bus).
+    pub fn want(&self, channel: &Arc<str>) {
         let mut state = self.lock();
-        match state.map.get_mut(channel) {
+        match state.map.get_mut(&**channel) {
             Some(chan) => chan.release_at = None,
             None => {
-                state.map.insert(channel.into(), Chan::new());
+                state.map.insert(channel.clone(), Chan::new());
                 state.not_live += 1;
-                state.unsent.push(channel.into());
+                state.unsent.push(channel.clone());
                 drop(state);
                 self.wake.notify_one();
             }
@@ -382,7 +383,7 @@ impl Channels {
             if let Some(chan) = state.map.get_mut(&channel) {
                 if chan.phase == Phase::Pending && !chan.sent {
                     chan.sent = true;
-                    batch.push(channel.into());
+                    batch.push(channel.to_string());
                 }
             }
         }
@@ -597,7 +598,7 @@ impl Channels {
         chan.phase = Phase::Live;
         state.not_live -= 1;
         let at = match &chan.position {
-            Position::At(o) => Some(o.clone()),
+            Position::At(o) => Some(Offset::clone(o)),
             _ => None,
         };
         for waiter in waiters {
@@ -740,7 +741,7 @@ impl Channels {
                     }
                     if chan.sent && chan.phase != Phase::Pending {
                         state.subscribed = state.subscribed.saturating_sub(1);
-                        gone.push(name.into());
+                        gone.push(name.to_string());
                     }
                 }
                 Some(_) => state.releasing.push(name),
@@ -782,8 +783,8 @@ mod tests {
 
     /// Subscribe `c` for a session and confirm it on connection `conn`.
     fn subscribe(hub: &Hub, channels: &Channels, outbox: &Arc<Outbox>, conn: u64) {
-        hub.subscribe("c", 1, outbox);
-        channels.want("c");
+        hub.subscribe(&"c".into(), 1, outbox);
+        channels.want(&"c".into());
         let mut waiter = channels.live("c").expect("pending");
         assert_eq!(channels.take_unsent(conn, 10), ["c"]);
         let reads = channels.confirmed(conn, &["c".to_owned()], 100);
@@ -800,7 +801,7 @@ mod tests {
         let n = channels.ping_sent();
         let baseline = Read {
             outcome: Outcome::Replay(Vec::new()),
-            position: Position::At(Offset::parse(&offset(5)).unwrap()),
+            position: Position::at(Offset::parse(&offset(5)).unwrap()),
         };
         channels.baseline(conn, "c", Ok(baseline));
         assert!(channels.take_ping_wanted());
@@ -824,7 +825,7 @@ mod tests {
             "c",
             Ok(Read {
                 outcome: Outcome::Replay(Vec::new()),
-                position: Position::At(Offset::parse(&offset(3)).unwrap()),
+                position: Position::at(Offset::parse(&offset(3)).unwrap()),
             }),
         );
         let n = channels.ping_sent();
@@ -861,7 +862,7 @@ mod tests {
         let reads = channels.confirmed(conn, &["c".to_owned()], 100);
         assert_eq!(
             reads.catch_ups[0].from,
-            Position::At(Offset::parse(&offset(1)).unwrap())
+            Position::at(Offset::parse(&offset(1)).unwrap())
         );
         channels.on_message(conn, "c", Some(&offset(5)), b"5");
         channels.on_message(conn, "c", None, b"plain");
@@ -874,7 +875,7 @@ mod tests {
                 (offset(3), b"3".to_vec()),
                 (offset(4), b"4".to_vec()),
             ]),
-            position: Position::At(Offset::parse(&offset(4)).unwrap()),
+            position: Position::at(Offset::parse(&offset(4)).unwrap()),
         };
         assert!(channels.caught_up(conn, "c", Ok(read), 100).is_none());
         let got: Vec<String> = texts(&outbox);
@@ -900,7 +901,7 @@ mod tests {
         channels.on_message(conn, "c", Some(&offset(7)), b"7");
         let read = Read {
             outcome: Outcome::Gone("gone".into()),
-            position: Position::At(Offset::parse(&offset(8)).unwrap()),
+            position: Position::at(Offset::parse(&offset(8)).unwrap()),
         };
         channels.caught_up(conn, "c", Ok(read), 100);
         let got = texts(&outbox);
@@ -922,11 +923,11 @@ mod tests {
         }
         let read = Read {
             outcome: Outcome::Replay(vec![(offset(2), b"2".to_vec())]),
-            position: Position::At(Offset::parse(&offset(2)).unwrap()),
+            position: Position::at(Offset::parse(&offset(2)).unwrap()),
         };
         let again = channels.caught_up(conn, "c", Ok(read), 100).expect("again");
         // Held kept 3..=5 (max 3); the next read starts after them.
-        assert_eq!(again.from, Position::At(Offset::parse(&offset(5)).unwrap()));
+        assert_eq!(again.from, Position::at(Offset::parse(&offset(5)).unwrap()));
         assert_eq!(texts(&outbox).len(), 4);
         assert!(!channels.is_ready());
     }
@@ -943,8 +944,8 @@ mod tests {
         assert_eq!(channels.due_releases(now), ["c"]);
         channels.on_message(conn, "c", Some(&offset(2)), b"2");
         // Wanted again: a first subscription, with a fresh baseline, not the old position.
-        hub.subscribe("c", 2, &outbox);
-        channels.want("c");
+        hub.subscribe(&"c".into(), 2, &outbox);
+        channels.want(&"c".into());
         assert_eq!(channels.take_unsent(conn, 10), ["c"]);
         let reads = channels.confirmed(conn, &["c".to_owned()], 100);
         assert_eq!(reads.baselines.len(), 1);

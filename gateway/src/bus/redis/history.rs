@@ -25,10 +25,16 @@ pub enum Position {
     /// The channel had no history when looked at: every entry that exists later is new.
     Empty,
     /// The newest entry already delivered (or already in the stream at subscription).
-    At(Offset),
+    /// Boxed: every channel a node wants keeps two positions, most of them without history
+    /// (a session's personal channel), so `Unknown`/`Empty` should cost two words, not six.
+    At(Box<Offset>),
 }
 
 impl Position {
+    pub fn at(offset: Offset) -> Position {
+        Position::At(Box::new(offset))
+    }
+
     /// Move to `offset` if it is newer: same epoch and a later id, or another epoch (a stream
     /// that restarted; any catch-up from either is `history_gone`, never a duplicate).
     /// Whether `offset` is at or before this position in the same epoch: delivered already.
@@ -39,7 +45,7 @@ impl Position {
     pub fn advance(&mut self, offset: Offset) {
         match self {
             Position::At(at) if at.epoch == offset.epoch && at.id >= offset.id => {}
-            _ => *self = Position::At(offset),
+            _ => *self = Position::at(offset),
         }
     }
 
@@ -242,7 +248,7 @@ fn judge(from: &Position, snapshot: Snapshot, limit: usize) -> Read {
         over_budget,
     } = snapshot;
     let end = match (&epoch, newest) {
-        (Some(epoch), Some(id)) => Position::At(Offset {
+        (Some(epoch), Some(id)) => Position::at(Offset {
             epoch: epoch.clone(),
             id,
         }),
@@ -294,7 +300,7 @@ fn judge(from: &Position, snapshot: Snapshot, limit: usize) -> Read {
         );
     }
     let position = match entries.last() {
-        Some((id, _)) => Position::At(Offset {
+        Some((id, _)) => Position::at(Offset {
             epoch: epoch.clone(),
             id: *id,
         }),
@@ -316,7 +322,7 @@ mod tests {
     use super::*;
 
     fn at(epoch: &str, ms: u64) -> Position {
-        Position::At(Offset {
+        Position::at(Offset {
             epoch: epoch.into(),
             id: (ms, 0),
         })

@@ -90,7 +90,7 @@ impl RedisBus {
         })
     }
 
-    pub fn want(&self, channel: &str) {
+    pub fn want(&self, channel: &Arc<str>) {
         self.channels.want(channel);
     }
 
@@ -110,7 +110,7 @@ impl RedisBus {
     /// Subscribe the node's control channel for good and hand its payloads to `sink`.
     pub fn on_control(&self, sink: channels::ControlSink) {
         self.channels.on_control(sink);
-        self.channels.want(crate::protocol::CONTROL_CHANNEL);
+        self.channels.want(&crate::protocol::CONTROL_CHANNEL.into());
     }
 
     pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), BusError> {
@@ -164,7 +164,7 @@ impl RedisBus {
     ) -> Result<History, BusError> {
         let request = ReadRequest {
             channel: channel.to_owned(),
-            from: Position::At(since.clone()),
+            from: Position::at(since.clone()),
             limit,
             budget,
         };
