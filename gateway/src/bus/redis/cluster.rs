@@ -455,52 +455,63 @@ async fn read_pushes(
             _ => None,
         }
     };
-    while let Some(push) = pushes.recv().await {
-        match push.kind {
-            PushKind::SMessage => {
-                let Some(msg) = Msg::from_push_info(push) else {
-                    continue;
-                };
-                let Some(channel) = msg.get_channel_name().strip_prefix(prefix.as_str()) else {
-                    continue;
-                };
-                metrics.messages_received.inc();
-                let (offset, payload) = super::envelope::envelope(msg.get_payload_bytes());
-                channels.on_message(gen, channel, offset, payload);
+    let handle = |push: PushInfo| match push.kind {
+        PushKind::SMessage => {
+            let Some(msg) = Msg::from_push_info(push) else {
+                return;
+            };
+            let Some(channel) = msg.get_channel_name().strip_prefix(prefix.as_str()) else {
+                return;
+            };
+            metrics.messages_received.inc();
+            let (offset, payload) = super::envelope::envelope(msg.get_payload_bytes());
+            channels.on_message(gen, channel, offset, payload);
+        }
+        PushKind::SSubscribe => {
+            let Some(channel) = name(&push.data) else {
+                return;
+            };
+            let jobs = channels.on_subscribed(gen, &channel, max_replay);
+            if !jobs.catch_ups.is_empty() || !jobs.baselines.is_empty() {
+                let _ = reads.send(jobs);
             }
-            PushKind::SSubscribe => {
-                let Some(channel) = name(&push.data) else {
-                    continue;
-                };
-                let jobs = channels.on_subscribed(gen, &channel, max_replay);
-                if !jobs.catch_ups.is_empty() || !jobs.baselines.is_empty() {
-                    let _ = reads.send(jobs);
-                }
-            }
-            PushKind::SUnsubscribe => {
-                let Some(channel) = name(&push.data) else {
-                    continue;
-                };
-                if channels.moved(gen, &channel) {
-                    metrics
-                        .redis_resubscribes
-                        .with_label_values(&["moved"])
-                        .inc();
-                    channels.wake.notify_one();
-                }
-            }
-            PushKind::Disconnection => {
-                let n = channels.len();
-                channels.suspect_all(gen);
-                if n > 0 {
-                    metrics
-                        .redis_resubscribes
-                        .with_label_values(&["failover"])
-                        .inc_by(n as u64);
-                }
+        }
+        PushKind::SUnsubscribe => {
+            let Some(channel) = name(&push.data) else {
+                return;
+            };
+            if channels.moved(gen, &channel) {
+                metrics
+                    .redis_resubscribes
+                    .with_label_values(&["moved"])
+                    .inc();
                 channels.wake.notify_one();
             }
-            _ => {}
         }
+        PushKind::Disconnection => {
+            let n = channels.len();
+            channels.suspect_all(gen);
+            if n > 0 {
+                metrics
+                    .redis_resubscribes
+                    .with_label_values(&["failover"])
+                    .inc_by(n as u64);
+            }
+            channels.wake.notify_one();
+        }
+        _ => {}
+    };
+    while let Some(push) = pushes.recv().await {
+        // As the standalone reader does: what the client already delivered is fanned out
+        // under one cork, so each socket gets those messages in one write.
+        crate::hub::corked(|| {
+            handle(push);
+            for _ in 1..super::CORK_MESSAGES {
+                match pushes.try_recv() {
+                    Ok(push) => handle(push),
+                    Err(_) => break,
+                }
+            }
+        });
     }
 }

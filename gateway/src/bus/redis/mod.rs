@@ -41,6 +41,10 @@ pub use channels::ControlSink;
 use commands::Commands;
 use history::{Outcome, Position, ReadRequest};
 
+/// At most this many messages a reader already holds are fanned out under one cork
+/// (`hub::corked`), by the standalone reader and the cluster reader alike.
+const CORK_MESSAGES: usize = 64;
+
 pub struct RedisBus {
     channels: Arc<Channels>,
     commands: Arc<Commands>,

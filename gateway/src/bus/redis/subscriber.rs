@@ -288,7 +288,7 @@ async fn read_messages(
         // those messages in one write. Bounded, so one batch never holds a socket long.
         let ended = crate::hub::corked(|| {
             on_message(msg);
-            for _ in 1..CORK_MESSAGES {
+            for _ in 1..super::CORK_MESSAGES {
                 match stream.next().now_or_never() {
                     Some(Some(msg)) => on_message(msg),
                     Some(None) => return true,
@@ -302,9 +302,6 @@ async fn read_messages(
         }
     }
 }
-
-/// At most this many messages are fanned out under one cork.
-const CORK_MESSAGES: usize = 64;
 
 // === impl HistoryWorker ===
 
