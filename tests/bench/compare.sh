@@ -14,6 +14,8 @@
 #                               (default ${XDG_CACHE_HOME:-~/.cache}/pushgate-bench/bun-1.4.4;
 #                               never inside the repository, never from CI)
 #   KEEP=<dir>                  also keep each run's loadgen JSON there (SCENARIO.ROUND.TARGET.json)
+#   BASE=<checkout>             also run another checkout's gateway (e.g. a worktree of main,
+#                               built there first), interleaved as a third target, "base"
 #   WRITE_FLOOR_C=<file.c>      the one-write floor program (CONNECTIONS MESSAGES
 #                               FRAMES_PER_WRITE); when given and cc exists, it is built in a
 #                               temporary directory and `2000 400000 1` runs after the scenarios
@@ -52,10 +54,12 @@ trap 'rm -rf "$out"' EXIT
 for scenario in "${scenarios[@]}"; do
   args=$(args_of "$scenario")
   for round in $(seq 1 "$rounds"); do
-    for target in gateway bun; do
+    for target in gateway bun ${BASE:+base}; do
       echo "compare: $scenario, round $round, $target: scenario.sh 2 $args" >&2
+      script=$here/scenario.sh
+      [ "$target" = base ] && script=$BASE/tests/bench/scenario.sh
       # shellcheck disable=SC2086 # the arguments are meant to split
-      TARGET=$target "$here/scenario.sh" 2 $args --json >"$out/$scenario.$round.$target.json"
+      TARGET=${target/base/gateway} "$script" 2 $args --json >"$out/$scenario.$round.$target.json"
     done
   done
 done
@@ -70,17 +74,18 @@ fi
 
 if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$out"/*.json "$KEEP"/; fi
 
-python3 - "$out" "$rounds" "${scenarios[@]}" <<'EOF'
+python3 - "$out" "$rounds" "${BASE:+base}" "${scenarios[@]}" <<'EOF'
 import json, sys
-out, rounds, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out, rounds, base, scenarios = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+targets = ("gateway", "bun") + ((base,) if base else ())
 print("| scenario | round | target | CPU-s (2 nodes) | CPU µs per delivery | p50 ms | p99 ms | lost | RSS per idle conn |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for s in scenarios:
     for r in range(1, rounds + 1):
-        for t in ("gateway", "bun"):
+        for t in targets:
             j = json.load(open(f"{out}/{s}.{r}.{t}.json"))
             g, d = j["gateways"], j["deliveries"]
-            name = "Bun 1.4.4" if t == "bun" else "gateway"
+            name = {"bun": "Bun 1.4.4", "base": "base"}.get(t, "gateway")
             if s == "idle":
                 print(f"| {s} | {r} | {name} | | | | | | {g['rss_per_connection_bytes'] / 1024:.1f} KiB "
                       f"({j['connections']['made']} made) |")
