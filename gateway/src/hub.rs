@@ -17,7 +17,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use crate::metrics::{reason, Metrics};
@@ -37,6 +37,16 @@ struct Cork {
     /// Per message: when it was born, to how many sessions it is owed, and the histogram to
     /// observe that in once written.
     owed: Vec<(Instant, usize, prometheus::Histogram)>,
+    /// Where the batch goes when it is lifted, if its hub delays writes (`write_delay_ms`):
+    /// the hub's pending writes, written by [`Hub::flush_delayed`].
+    delayed: Option<Arc<Mutex<Cork>>>,
+}
+
+impl Cork {
+    fn append(&mut self, other: Cork) {
+        self.dirty.extend(other.dirty);
+        self.owed.extend(other.owed);
+    }
 }
 
 thread_local! {
@@ -73,7 +83,14 @@ pub fn corked<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-fn uncork(cork: Cork) {
+fn uncork(mut cork: Cork) {
+    if let Some(delayed) = cork.delayed.take() {
+        delayed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append(cork);
+        return;
+    }
     crate::outbox::write_all(&cork.dirty);
     let now = Instant::now();
     for (born, n, histogram) in &cork.owed {
@@ -114,14 +131,37 @@ pub struct Hub {
     shards: Box<[RwLock<Shard>]>,
     hasher: RandomState,
     metrics: Metrics,
+    /// With `write_delay_ms`: socket writes owed by fan-outs, held until the next
+    /// [`Hub::flush_delayed`], so that a socket gets every message of the interval in one
+    /// write. std Mutex: held to append a batch or take them all, never across `.await`.
+    delayed: Option<Arc<Mutex<Cork>>>,
 }
 
 impl Hub {
     pub fn new(metrics: Metrics) -> Hub {
+        Hub::with_write_delay(metrics, false)
+    }
+
+    /// A hub whose fan-outs hold their socket writes until [`Hub::flush_delayed`] (`delay`:
+    /// the node runs a task that calls it every `write_delay_ms`).
+    pub fn with_write_delay(metrics: Metrics, delay: bool) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::new())).collect(),
             hasher: RandomState::new(),
             metrics,
+            delayed: delay.then(|| Arc::new(Mutex::new(Cork::default()))),
+        }
+    }
+
+    /// Write everything fan-outs owed since the last call (one write per socket for all of
+    /// it). Only needed with a write delay; a no-op otherwise.
+    pub fn flush_delayed(&self) {
+        let Some(delayed) = &self.delayed else {
+            return;
+        };
+        let cork = std::mem::take(&mut *delayed.lock().unwrap_or_else(|e| e.into_inner()));
+        if !cork.dirty.is_empty() || !cork.owed.is_empty() {
+            uncork(cork);
         }
     }
 
@@ -229,6 +269,9 @@ impl Hub {
         let frame = Frame::new(protocol::message_frame(channel, payload, offset), born);
         let (mut queued, mut dropped) = (0, 0);
         CORK.with_borrow_mut(|cork| {
+            if let (Some(cork), Some(delayed)) = (cork.as_mut(), &self.delayed) {
+                cork.delayed.get_or_insert_with(|| delayed.clone());
+            }
             let mut owed = 0;
             for (_, outbox) in subs {
                 match outbox.push_corked(frame.clone()) {
@@ -385,5 +428,55 @@ mod tests {
             );
             assert_eq!(outbox.write_wire().unwrap(), Wrote::All);
         }
+    }
+
+    /// With a write delay, fan-outs only owe their frames: nothing reaches a socket until the
+    /// node's flush, which writes every message of the interval to each socket at once, in
+    /// order, still waking nobody.
+    #[tokio::test]
+    async fn a_write_delay_holds_fan_outs_until_the_flush() {
+        use std::io::Read;
+        use std::time::Duration;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = Metrics::new();
+        let hub = Hub::with_write_delay(metrics.clone(), true);
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let socket = listener.accept().await.unwrap().0;
+        socket.writable().await.unwrap();
+        let outbox = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
+        outbox.set_direct(true);
+        hub.subscribe(&"c".into(), 1, &outbox);
+        for n in [b"1", b"2", b"3"] {
+            assert_eq!(hub.publish("c", n, None, Instant::now()), 1);
+        }
+        client.set_nonblocking(true).unwrap();
+        let e = client.read(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock,
+            "written before the flush"
+        );
+        client.set_nonblocking(false).unwrap();
+        assert_eq!(metrics.delivery_latency.get_sample_count(), 0);
+        hub.flush_delayed();
+        let frame = |n: u8| {
+            let text = format!(r#"{{"type":"message","channel":"c","data":{}}}"#, n as char);
+            [vec![0x81, text.len() as u8], text.into_bytes()].concat()
+        };
+        let expected = [frame(b'1'), frame(b'2'), frame(b'3')].concat();
+        let mut got = vec![0; expected.len()];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(got, expected);
+        assert_eq!(metrics.delivery_latency.get_sample_count(), 3);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), outbox.ready())
+                .await
+                .is_err(),
+            "the session was woken"
+        );
     }
 }

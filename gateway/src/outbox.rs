@@ -308,7 +308,12 @@ impl Outbox {
         if state.closed {
             return Push::Closed;
         }
-        if corked && self.socket.is_some() && state.direct && state.frames.is_empty() {
+        if corked
+            && self.socket.is_some()
+            && state.direct
+            && state.frames.is_empty()
+            && state.wire.len() < MAX_IOV
+        {
             let first = state.wire.is_empty();
             state.wire.push_back(frame.wire);
             return Push::Owed { first };

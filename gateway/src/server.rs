@@ -53,7 +53,10 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let verifier = config.auth.verifier().map_err(RunError::Auth)?;
     let metrics = Metrics::new();
-    let hub = Arc::new(Hub::new(metrics.clone()));
+    let hub = Arc::new(Hub::with_write_delay(
+        metrics.clone(),
+        config.write_delay_ms > 0,
+    ));
     // The bus and the ticker outlive the sessions' drain, so they have their own token.
     let background = CancellationToken::new();
     let bus = Bus::start(&config, hub.clone(), metrics.clone(), background.clone());
@@ -85,6 +88,13 @@ pub async fn run(
     );
 
     tokio::spawn(heartbeat(node.clone(), background.clone()));
+    if node.config.write_delay_ms > 0 {
+        tokio::spawn(flush_delayed_writes(
+            node.hub.clone(),
+            std::time::Duration::from_millis(node.config.write_delay_ms),
+            background.clone(),
+        ));
+    }
     let handshake = node.config.handshake_timeout();
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(accept::serve(
@@ -140,6 +150,20 @@ pub async fn run(
     admin_stop.cancel();
     let _ = admin.await;
     Ok(())
+}
+
+/// With `write_delay_ms`: every `every`, write what the fan-outs owed since the last tick
+/// (one write per socket for all of it). Runs until the bus stops, then writes the rest.
+async fn flush_delayed_writes(hub: Arc<Hub>, every: std::time::Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => hub.flush_delayed(),
+            _ = stop.cancelled() => break,
+        }
+    }
+    hub.flush_delayed();
 }
 
 /// The node's heartbeat: every `heartbeat.ping_interval_ms` each session pings its client or,

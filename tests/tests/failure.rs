@@ -8,7 +8,7 @@ use tests::{eventually, redis, Cluster, GatewayNode, WsClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_with_4000_and_others_get_everything() {
-    slow_consumer_on_write_path("true").await;
+    slow_consumer_on_write_path(&[]).await;
 }
 
 /// The same with `io_uring = false`: the fan-out's fallback write path (one vectored write per
@@ -16,16 +16,24 @@ async fn a_client_that_stops_reading_is_closed_with_4000_and_others_get_everythi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_io_uring_a_client_that_stops_reading_is_closed_with_4000_and_others_get_everything(
 ) {
-    slow_consumer_on_write_path("false").await;
+    slow_consumer_on_write_path(&[("GATEWAY__IO_URING", "false")]).await;
 }
 
-async fn slow_consumer_on_write_path(io_uring: &str) {
-    let cluster = Cluster::builder()
+/// The same with `write_delay_ms`: frames held for the next flush are bounded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_write_delay_a_client_that_stops_reading_is_closed_with_4000_and_others_get_everything(
+) {
+    slow_consumer_on_write_path(&[("GATEWAY__WRITE_DELAY_MS", "20")]).await;
+}
+
+async fn slow_consumer_on_write_path(env: &[(&str, &str)]) {
+    let mut builder = Cluster::builder()
         .nodes(1)
-        .env("GATEWAY__LIMITS__SEND_QUEUE_BYTES", "65536")
-        .env("GATEWAY__IO_URING", io_uring)
-        .start()
-        .await;
+        .env("GATEWAY__LIMITS__SEND_QUEUE_BYTES", "65536");
+    for (key, value) in env {
+        builder = builder.env(key, value);
+    }
+    let cluster = builder.start().await;
     let node = &cluster.nodes[0];
     let (mut healthy, _) = WsClient::connect_welcomed(&node.ws_url("channels=flood")).await;
     let (mut stalled, _) = WsClient::connect_welcomed(&node.ws_url("channels=flood")).await;
