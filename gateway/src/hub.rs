@@ -40,6 +40,9 @@ struct Cork {
     /// Where the batch goes when it is lifted, if its hub delays writes (`write_delay_ms`):
     /// the hub's pending writes, written by [`Hub::flush_delayed`].
     delayed: Option<Arc<Mutex<Cork>>>,
+    /// A socket was owed a second frame while its first waited: the held writes already
+    /// batch, so waiting longer only adds latency; they are written when this cork lifts.
+    full: bool,
 }
 
 impl Cork {
@@ -85,11 +88,14 @@ pub fn corked<R>(f: impl FnOnce() -> R) -> R {
 
 fn uncork(mut cork: Cork) {
     if let Some(delayed) = cork.delayed.take() {
-        delayed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .append(cork);
-        return;
+        let mut held = delayed.lock().unwrap_or_else(|e| e.into_inner());
+        let full = cork.full;
+        held.append(cork);
+        if !full {
+            return;
+        }
+        cork = std::mem::take(&mut *held);
+        drop(held);
     }
     crate::outbox::write_all(&cork.dirty);
     let now = Instant::now();
@@ -284,9 +290,11 @@ impl Hub {
                     Push::Owed { first } => {
                         queued += 1;
                         owed += 1;
-                        if first {
-                            if let Some(cork) = cork.as_mut() {
+                        if let Some(cork) = cork.as_mut() {
+                            if first {
                                 cork.dirty.push(outbox.clone());
+                            } else {
+                                cork.full = true;
                             }
                         }
                     }
@@ -430,11 +438,12 @@ mod tests {
         }
     }
 
-    /// With a write delay, fan-outs only owe their frames: nothing reaches a socket until the
-    /// node's flush, which writes every message of the interval to each socket at once, in
-    /// order, still waking nobody.
+    /// With a write delay, a fan-out only owes its frame: nothing reaches the socket until
+    /// the node's flush, or until the socket is owed a second frame (the held writes batch
+    /// already: waiting longer would only add latency). Either way every frame owed goes out
+    /// in one write, in order, and nobody is woken.
     #[tokio::test]
-    async fn a_write_delay_holds_fan_outs_until_the_flush() {
+    async fn a_write_delay_holds_a_lone_frame_until_the_flush_or_a_second_one() {
         use std::io::Read;
         use std::time::Duration;
 
@@ -450,27 +459,38 @@ mod tests {
         let outbox = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
         outbox.set_direct(true);
         hub.subscribe(&"c".into(), 1, &outbox);
-        for n in [b"1", b"2", b"3"] {
-            assert_eq!(hub.publish("c", n, None, Instant::now()), 1);
-        }
-        client.set_nonblocking(true).unwrap();
-        let e = client.read(&mut [0u8; 64]).unwrap_err();
-        assert_eq!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock,
-            "written before the flush"
-        );
-        client.set_nonblocking(false).unwrap();
-        assert_eq!(metrics.delivery_latency.get_sample_count(), 0);
-        hub.flush_delayed();
         let frame = |n: u8| {
             let text = format!(r#"{{"type":"message","channel":"c","data":{}}}"#, n as char);
             [vec![0x81, text.len() as u8], text.into_bytes()].concat()
         };
-        let expected = [frame(b'1'), frame(b'2'), frame(b'3')].concat();
-        let mut got = vec![0; expected.len()];
-        client.read_exact(&mut got).unwrap();
-        assert_eq!(got, expected);
+        let nothing_yet = |client: &mut std::net::TcpStream| {
+            client.set_nonblocking(true).unwrap();
+            let e = client.read(&mut [0u8; 64]).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock,
+                "written too early"
+            );
+            client.set_nonblocking(false).unwrap();
+        };
+        let expect = |client: &mut std::net::TcpStream, frames: &[u8]| {
+            let expected: Vec<u8> = frames.iter().flat_map(|&n| frame(n)).collect();
+            let mut got = vec![0; expected.len()];
+            client.read_exact(&mut got).unwrap();
+            assert_eq!(got, expected);
+        };
+
+        assert_eq!(hub.publish("c", b"1", None, Instant::now()), 1);
+        nothing_yet(&mut client);
+        assert_eq!(metrics.delivery_latency.get_sample_count(), 0);
+        // A second frame for the same socket: both go now.
+        assert_eq!(hub.publish("c", b"2", None, Instant::now()), 1);
+        expect(&mut client, b"12");
+        // A lone frame again: held until the flush.
+        assert_eq!(hub.publish("c", b"3", None, Instant::now()), 1);
+        nothing_yet(&mut client);
+        hub.flush_delayed();
+        expect(&mut client, b"3");
         assert_eq!(metrics.delivery_latency.get_sample_count(), 3);
         assert!(
             tokio::time::timeout(Duration::from_millis(20), outbox.ready())
