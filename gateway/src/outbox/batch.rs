@@ -6,6 +6,9 @@
 //! a fan-out's CPU. Without it (a kernel or container sandbox that refuses io_uring), each
 //! socket gets its own vectored write, as before.
 //!
+//! A fan-out to thousands of sockets (a big channel) is split in two, the second half written
+//! by a writer thread of the process at the same time, and returns when both are done.
+//!
 //! Either way the outbox's rules hold: bytes go to a socket only under its outbox's lock, from
 //! the head of what is owed; what a socket does not take stays owed, and its session is woken
 //! to finish it. An outbox whose lock is busy (its session is writing, or another fan-out is
@@ -53,9 +56,65 @@ pub fn configure(enabled: bool) -> Result<(), String> {
 
 /// Write what each of `outboxes` owes its socket. Never waits on a socket or a busy lock.
 pub fn write_all(outboxes: &[Arc<Outbox>]) {
+    write_split(outboxes, SPLIT_AT);
+}
+
+/// Fan-outs to at least this many sockets are split in two: the second half is written by
+/// the process's writer thread while the fanning-out thread writes the first, so the last
+/// socket of a large channel is written about twice as soon where a core is free.
+const SPLIT_AT: usize = 2048;
+
+/// A half fan-out for the writer thread, and where to say it is written.
+type Half = (Vec<Arc<Outbox>>, std::sync::mpsc::SyncSender<()>);
+
+/// [`write_all`], splitting batches of `split_at` sockets or more. Returns when every socket
+/// of the batch has been written (or left to its session), whichever thread wrote it: the
+/// caller's latency figures and the next batch come after.
+fn write_split(outboxes: &[Arc<Outbox>], split_at: usize) {
     if outboxes.is_empty() {
         return;
     }
+    if outboxes.len() >= split_at {
+        if let Some(writer) = writer() {
+            let (mine, theirs) = outboxes.split_at(outboxes.len() / 2);
+            let (done, written) = std::sync::mpsc::sync_channel(1);
+            // Busy with another node's (or thread's) half: write it all here instead.
+            if writer.try_send((theirs.to_vec(), done)).is_ok() {
+                write_here(mine);
+                // The writer never drops a job unanswered unless it died; then its half is
+                // written here.
+                if written.recv().is_err() {
+                    write_here(theirs);
+                }
+                return;
+            }
+        }
+    }
+    write_here(outboxes);
+}
+
+/// The process's writer thread, started at the first large fan-out; None if it cannot be.
+fn writer() -> Option<&'static std::sync::mpsc::SyncSender<Half>> {
+    static WRITER: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<Half>>> =
+        std::sync::OnceLock::new();
+    WRITER
+        .get_or_init(|| {
+            let (jobs, next) = std::sync::mpsc::sync_channel::<Half>(1);
+            std::thread::Builder::new()
+                .name("gateway-writer".into())
+                .spawn(move || {
+                    while let Ok((half, done)) = next.recv() {
+                        write_here(&half);
+                        let _ = done.send(());
+                    }
+                })
+                .ok()?;
+            Some(jobs)
+        })
+        .as_ref()
+}
+
+fn write_here(outboxes: &[Arc<Outbox>]) {
     RING.with_borrow_mut(|slot| {
         if matches!(slot, Slot::Untried) {
             *slot = match ENABLED.load(Ordering::Relaxed) {
@@ -150,6 +209,11 @@ pub mod testing {
     /// Whether this thread's fan-outs write through io_uring.
     pub fn uses_ring() -> bool {
         RING.with_borrow(|slot| matches!(slot, Slot::Ready(_)))
+    }
+
+    /// `write_all` with batches split from `split_at` sockets on.
+    pub fn write_all_split(outboxes: &[Arc<Outbox>], split_at: usize) {
+        write_split(outboxes, split_at);
     }
 
     /// `write_all` on one path: through a ring (`Some`), or one write per socket.

@@ -278,3 +278,35 @@ async fn write_all_writes_every_socket_and_leaves_the_rest_to_their_sessions() {
         assert_eq!(&got, expected);
     }
 }
+
+/// A large fan-out is split with the process's writer thread: every socket still gets its
+/// bytes whole and in order, nobody is woken, and the call returns only once both halves are
+/// written.
+#[tokio::test]
+async fn a_large_batch_is_split_with_the_writer_thread_and_written_whole() {
+    let mut clients = Vec::new();
+    let mut outboxes = Vec::new();
+    for _ in 0..20 {
+        let (socket, client) = pair().await;
+        socket.writable().await.unwrap();
+        let q = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
+        q.set_direct(true);
+        assert!(matches!(q.push_corked(frame("a")), Push::Owed { .. }));
+        assert!(matches!(q.push_corked(frame("bc")), Push::Owed { .. }));
+        clients.push(client);
+        outboxes.push(q);
+    }
+    batch::testing::write_all_split(&outboxes, 8);
+    // Returned: both halves are written, nothing is owed anywhere.
+    for q in &outboxes {
+        assert!(q.lock().wire.is_empty());
+    }
+    for (q, client) in outboxes.iter().zip(&mut clients) {
+        let mut got = [0u8; 7];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x81\x01a\x81\x02bc");
+        assert!(tokio::time::timeout(Duration::from_millis(5), q.ready())
+            .await
+            .is_err());
+    }
+}
