@@ -205,6 +205,22 @@ async fn a_full_socket_queues_in_order_and_overflows() {
     assert!(q.overflowed());
 }
 
+/// `n` WebSocket outboxes in their steady state (the fan-out may write their sockets), and
+/// the clients' ends.
+async fn steady_outboxes(n: usize) -> (Vec<TcpStream>, Vec<Arc<Outbox>>) {
+    let mut clients = Vec::new();
+    let mut outboxes = Vec::new();
+    for _ in 0..n {
+        let (socket, client) = pair().await;
+        socket.writable().await.unwrap();
+        let q = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
+        q.set_direct(true);
+        clients.push(client);
+        outboxes.push(q);
+    }
+    (clients, outboxes)
+}
+
 /// The end of a fan-out, on both write paths (io_uring batches when this machine allows it,
 /// one vectored write per socket otherwise): every socket that takes its bytes gets them
 /// whole and in order and nobody is woken; a full socket keeps what it did not take owed and
@@ -217,17 +233,8 @@ async fn write_all_writes_every_socket_and_leaves_the_rest_to_their_sessions() {
         if batched && ring.is_none() {
             continue;
         }
-        let mut clients = Vec::new();
-        let mut outboxes = Vec::new();
         // More sockets than one kernel entry takes, so a batch spans chunks.
-        for _ in 0..70 {
-            let (socket, client) = pair().await;
-            socket.writable().await.unwrap();
-            let q = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
-            q.set_direct(true);
-            clients.push(client);
-            outboxes.push(q);
-        }
+        let (mut clients, outboxes) = steady_outboxes(70).await;
         // Socket 1 is full: its client never read, and the fan-out filled it.
         let big = frame(&"f".repeat(60_000));
         while outboxes[1].push(big.clone()) == Push::Written {}
@@ -284,17 +291,10 @@ async fn write_all_writes_every_socket_and_leaves_the_rest_to_their_sessions() {
 /// written.
 #[tokio::test]
 async fn a_large_batch_is_split_with_the_writer_thread_and_written_whole() {
-    let mut clients = Vec::new();
-    let mut outboxes = Vec::new();
-    for _ in 0..20 {
-        let (socket, client) = pair().await;
-        socket.writable().await.unwrap();
-        let q = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
-        q.set_direct(true);
+    let (mut clients, outboxes) = steady_outboxes(20).await;
+    for q in &outboxes {
         assert!(matches!(q.push_corked(frame("a")), Push::Owed { .. }));
         assert!(matches!(q.push_corked(frame("bc")), Push::Owed { .. }));
-        clients.push(client);
-        outboxes.push(q);
     }
     batch::testing::write_all_split(&outboxes, 8);
     // Returned: both halves are written, nothing is owed anywhere.
