@@ -254,7 +254,7 @@ impl Hub {
     }
 
     /// Fan one message out to every local subscriber of `channel`. The frame is built once
-    /// (only if someone listens) and shared. Returns the number of sessions it was written or
+    /// (only if someone listens) and shared. Returns the number of sessions it was owed or
     /// queued to.
     pub fn publish(
         &self,
@@ -263,52 +263,9 @@ impl Hub {
         offset: Option<&str>,
         born: Instant,
     ) -> usize {
-        if CORK.with_borrow(Option::is_none) {
-            // A lone message is a batch of one: its socket writes go out together, after the
-            // shard's lock is released.
-            return corked(|| self.publish(channel, payload, offset, born));
-        }
-        let shard = Self::read(self.shard(channel));
-        let Some(subs) = shard.get(channel) else {
-            return 0;
-        };
-        let frame = Frame::new(protocol::message_frame(channel, payload, offset), born);
-        let (mut queued, mut dropped) = (0, 0);
-        CORK.with_borrow_mut(|cork| {
-            if let (Some(cork), Some(delayed)) = (cork.as_mut(), &self.delayed) {
-                cork.delayed.get_or_insert_with(|| delayed.clone());
-            }
-            let mut owed = 0;
-            for (_, outbox) in subs {
-                match outbox.push_corked(frame.clone()) {
-                    Push::Written => {
-                        queued += 1;
-                        self.metrics
-                            .delivery_latency
-                            .observe(born.elapsed().as_secs_f64());
-                    }
-                    Push::Owed { first } => {
-                        queued += 1;
-                        owed += 1;
-                        if let Some(cork) = cork.as_mut() {
-                            if first {
-                                cork.dirty.push(outbox.clone());
-                            } else {
-                                cork.full = true;
-                            }
-                        }
-                    }
-                    Push::Queued => queued += 1,
-                    Push::Overflowed { dropped: n } => dropped += n,
-                    Push::Closed => dropped += 1,
-                }
-            }
-            if let (Some(cork), true) = (cork.as_mut(), owed > 0) {
-                cork.owed
-                    .push((born, owed, self.metrics.delivery_latency.clone()));
-            }
+        let (queued, dropped) = self.fan_out(channel, true, || {
+            Frame::new(protocol::message_frame(channel, payload, offset), born)
         });
-        drop(shard);
         self.metrics.messages_delivered.inc_by(queued as u64);
         if dropped > 0 {
             self.metrics
@@ -319,18 +276,63 @@ impl Hub {
         queued
     }
 
-    /// Queue a frame other than a message (e.g. a `history_gone` error) to every local
-    /// subscriber of `channel`, in order with its messages.
+    /// Send a frame other than a message (e.g. a `history_gone` error, a `join`) to every
+    /// local subscriber of `channel`, in order with its messages, the same way.
     pub fn notify(&self, channel: &str, text: String) {
+        // An overflowing session is closing with 4000 anyway.
+        self.fan_out(channel, false, || Frame::new(text, Instant::now()));
+    }
+
+    /// Push the frame `make` builds (only if someone listens) to every local subscriber of
+    /// `channel`, under a cork (its own if none is on): owed to waiting sockets, queued for
+    /// the others; a `message`'s deliveries are observed in the latency histogram once
+    /// written. Returns (owed or queued, dropped).
+    fn fan_out(
+        &self,
+        channel: &str,
+        message: bool,
+        make: impl FnOnce() -> Frame,
+    ) -> (usize, usize) {
+        if CORK.with_borrow(Option::is_none) {
+            // A lone message is a batch of one: its socket writes go out together, after the
+            // shard's lock is released.
+            return corked(|| self.fan_out(channel, message, make));
+        }
         let shard = Self::read(self.shard(channel));
         let Some(subs) = shard.get(channel) else {
-            return;
+            return (0, 0);
         };
-        let frame = Frame::new(text, Instant::now());
-        for (_, outbox) in subs {
-            // An overflowing session is closing with 4000 anyway.
-            let _ = outbox.push(frame.clone());
-        }
+        let frame = make();
+        let (mut queued, mut dropped, mut owed) = (0, 0, 0);
+        CORK.with_borrow_mut(|cork| {
+            let Some(cork) = cork.as_mut() else {
+                return;
+            };
+            if let Some(delayed) = &self.delayed {
+                cork.delayed.get_or_insert_with(|| delayed.clone());
+            }
+            for (_, outbox) in subs {
+                match outbox.push(frame.clone()) {
+                    Push::Owed { first } => {
+                        queued += 1;
+                        owed += 1;
+                        if first {
+                            cork.dirty.push(outbox.clone());
+                        } else {
+                            cork.full = true;
+                        }
+                    }
+                    Push::Queued => queued += 1,
+                    Push::Overflowed { dropped: n } => dropped += n,
+                    Push::Closed => dropped += 1,
+                }
+            }
+            if message && owed > 0 {
+                cork.owed
+                    .push((frame.born, owed, self.metrics.delivery_latency.clone()));
+            }
+        });
+        (queued, dropped)
     }
 }
 

@@ -7,15 +7,14 @@
 //! session closes with 4000 (docs/REFERENCE.md §2). The hub never waits on a session.
 //!
 //! The hot path (a WebSocket session in its steady state, nothing queued): the hub's
-//! [`Outbox::push_corked`] owes the message's pre-built wire bytes (one WebSocket frame,
-//! framed once per message and shared by every subscriber, [`Frame`]) to the socket, and when
-//! the fan-out ends [`write_all`] writes every owed socket with non-blocking sends (batched
-//! through io_uring, `outbox/batch.rs`), waking nothing. ([`Outbox::push`], for frames sent
-//! outside a fan-out, writes at once with `try_write`.) Only what cannot be written at once (a
-//! full socket, a partial write) is left to the session, which is woken once per batch to
-//! write the backlog with vectored writes when the socket is writable. Every write to the
-//! socket happens under the outbox's lock and starts at the head of what is owed (`wire`), so
-//! frames never interleave, whoever writes them.
+//! [`Outbox::push`] owes the message's pre-built wire bytes (one WebSocket frame, framed once
+//! per message and shared by every subscriber, [`Frame`]) to the socket, and when the fan-out
+//! ends [`write_all`] writes every owed socket with non-blocking sends (batched through
+//! io_uring, `outbox/batch.rs`), waking nothing. Only what cannot be written at once (a full
+//! socket, a partial write) is left to the session, which is woken once per batch to write
+//! the backlog with vectored writes when the socket is writable. Every write to the socket
+//! happens under the outbox's lock and starts at the head of what is owed (`wire`), so frames
+//! never interleave, whoever writes them.
 //!
 //! The session turns direct writes off ([`Outbox::set_direct`]) whenever it does anything
 //! itself (answers a client frame, waits for a channel to be live, recovers, pings, closes):
@@ -104,11 +103,9 @@ impl Frame {
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
-    /// Written to the socket whole, at once: nobody was woken.
-    Written,
-    /// Under a cork: owed to the socket, to be written with the cork's other frames by
-    /// whoever lifts it ([`Outbox::write_wire`]); `first` when nothing was owed before, i.e.
-    /// the lifter must write this outbox.
+    /// Owed to the socket, to be written with the fan-out's other frames by whoever ends it
+    /// ([`write_all`]); `first` when nothing was owed before, i.e. that writer must write
+    /// this outbox.
     Owed {
         first: bool,
     },
@@ -188,15 +185,15 @@ struct State {
     /// Frames the hub queued that the session has not taken yet.
     frames: VecDeque<Frame>,
     bytes: usize,
-    /// WebSocket sessions: bytes owed to the socket, in order (frames the session fed, a
-    /// partial direct write's rest, tungstenite's control frames). The head may be partly
+    /// WebSocket sessions: bytes owed to the socket, in order (frames the fan-out owed or
+    /// the session fed, tungstenite's control frames). The head may be partly
     /// written already (`written` bytes of it).
     wire: Owed,
     written: usize,
     closed: bool,
     overflowed: bool,
-    /// The session is in its steady state: the hub may write to the socket itself when
-    /// nothing is queued or owed.
+    /// The session is in its steady state: the hub may owe frames to the socket itself when
+    /// nothing is queued.
     direct: bool,
 }
 
@@ -239,7 +236,7 @@ pub enum Wrote {
 
 /// The queue. Shared between the hub and the node (producers) and one session (consumer).
 pub struct Outbox {
-    /// std Mutex: held only for a push, a swap or one non-blocking write, never across
+    /// std Mutex: held only for a push, a swap or non-blocking writes, never across
     /// `.await`.
     state: Mutex<State>,
     /// The session task's waker.
@@ -283,33 +280,17 @@ impl Outbox {
         self.waker.wake();
     }
 
-    /// Deliver a frame: written straight to the socket when the session is in its steady
-    /// state and nothing is queued or owed, queued otherwise. Never blocks beyond the short
-    /// lock (and one non-blocking write).
+    /// Deliver a frame: in the steady state it is owed to the socket, behind whatever is owed
+    /// already, and written with the fan-out's other frames when the fan-out ends (one write
+    /// for a batch of messages); queued for the session otherwise. Never blocks beyond the
+    /// short lock.
     pub fn push(&self, frame: Frame) -> Push {
-        self.deliver(frame, false)
-    }
-
-    /// Deliver a frame under a cork (`hub::corked`): in the steady state it is owed to the
-    /// socket, behind whatever is owed already, and written with the others when the cork is
-    /// lifted (one write for a batch of messages); queued otherwise.
-    pub fn push_corked(&self, frame: Frame) -> Push {
-        self.deliver(frame, true)
-    }
-
-    /// Wake the session to write what is owed (the socket was full when a cork was lifted).
-    pub fn wake_writer(&self) {
-        self.wake(READY);
-    }
-
-    fn deliver(&self, frame: Frame, corked: bool) -> Push {
         let len = frame.len();
         let mut state = self.lock();
         if state.closed {
             return Push::Closed;
         }
-        if corked
-            && self.socket.is_some()
+        if self.socket.is_some()
             && state.direct
             && state.frames.is_empty()
             && state.wire.len() < MAX_IOV
@@ -317,24 +298,6 @@ impl Outbox {
             let first = state.wire.is_empty();
             state.wire.push_back(frame.wire);
             return Push::Owed { first };
-        }
-        if let Some(socket) = self.socket.as_ref() {
-            if state.direct && state.frames.is_empty() && state.wire.is_empty() {
-                match socket.try_write(&frame.wire) {
-                    Ok(n) if n == len => return Push::Written,
-                    Ok(n) => {
-                        // The rest is owed before anything else: the session writes it when
-                        // the socket takes more.
-                        state.wire.push_back(frame.wire);
-                        state.written = n;
-                        drop(state);
-                        self.wake(READY);
-                        return Push::Queued;
-                    }
-                    // Full (or failing): queue it; the session's own write finds out which.
-                    Err(_) => {}
-                }
-            }
         }
         if state.bytes + len > self.limit {
             let dropped = state.frames.len() + 1;
@@ -355,6 +318,11 @@ impl Outbox {
             self.wake(READY);
         }
         Push::Queued
+    }
+
+    /// Wake the session to write what is owed (the socket was full when a fan-out ended).
+    pub fn wake_writer(&self) {
+        self.wake(READY);
     }
 
     /// Let the hub write to the socket itself (`true`: the session is waiting with nothing

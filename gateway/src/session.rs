@@ -672,7 +672,7 @@ impl Session {
         }
     }
 
-    /// Write what the outbox queued (and what a direct write left owed), in order, after
+    /// Write what the outbox queued (and what the fan-out left owed), in order, after
     /// answering subscribes that became live and dropping what a replay covered.
     async fn write_queued<T: Transport>(&mut self, t: &mut T) -> Result<(), End> {
         let mut batch = VecDeque::new();

@@ -103,12 +103,21 @@ async fn pair() -> (TcpStream, TcpStream) {
     (accepted.unwrap().0, client.unwrap())
 }
 
-/// The hot path's shape: in the steady state a frame with nothing queued before it goes
-/// to the socket from the pusher, whole, and wakes nobody; the bytes are the shared frame.
+/// A fan-out of one frame to `q`: pushed, then written as the end of a fan-out writes. True
+/// when the socket took it whole (nothing left owed).
+fn fan_out(q: &Arc<Outbox>, f: Frame) -> bool {
+    assert!(matches!(q.push(f), Push::Owed { .. }));
+    write_all(std::slice::from_ref(q));
+    q.lock().wire.is_empty()
+}
+
+/// The hot path's shape: in the steady state a frame with nothing queued before it is owed
+/// to the socket and written by the fan-out, whole, waking nobody; the bytes are the shared
+/// frame.
 #[tokio::test]
 async fn steady_state_writes_directly_and_wakes_nobody() {
     let (socket, mut client) = pair().await;
-    let q = Outbox::with_socket(1 << 20, Some(socket));
+    let q = Arc::new(Outbox::with_socket(1 << 20, Some(socket)));
     // Not in the steady state yet: queued, and the session is woken.
     assert_eq!(q.push(frame("first")), Push::Queued);
     tokio::time::timeout(Duration::from_secs(1), q.ready())
@@ -123,7 +132,9 @@ async fn steady_state_writes_directly_and_wakes_nobody() {
     q.set_direct(true);
     let shared = frame("second");
     for _ in 0..3 {
-        assert_eq!(q.push(shared.clone()), Push::Written);
+        assert_eq!(q.push(shared.clone()), Push::Owed { first: true });
+        write_all(std::slice::from_ref(&q));
+        assert!(q.lock().wire.is_empty(), "written whole");
     }
     assert!(tokio::time::timeout(Duration::from_millis(50), q.ready())
         .await
@@ -146,11 +157,11 @@ async fn steady_state_writes_directly_and_wakes_nobody() {
 async fn a_full_socket_queues_in_order_and_overflows() {
     let (socket, mut client) = pair().await;
     socket.writable().await.unwrap();
-    let q = Outbox::with_socket(64 * 1024, Some(socket));
+    let q = Arc::new(Outbox::with_socket(64 * 1024, Some(socket)));
     q.set_direct(true);
     let text = "z".repeat(1000);
     let mut written = 0usize;
-    while q.push(frame(&text)) == Push::Written {
+    while fan_out(&q, frame(&text)) {
         written += 1;
         assert!(written < 100_000, "a socket that never fills");
     }
@@ -194,7 +205,7 @@ async fn a_full_socket_queues_in_order_and_overflows() {
     let (socket, _client) = pair().await;
     let q = Outbox::with_socket(16 * 1024, Some(socket));
     q.set_direct(true);
-    let mut result = Push::Written;
+    let mut result = Push::Queued;
     for _ in 0..100_000 {
         result = q.push(frame(&text));
         if matches!(result, Push::Overflowed { .. }) {
@@ -237,13 +248,13 @@ async fn write_all_writes_every_socket_and_leaves_the_rest_to_their_sessions() {
         let (mut clients, outboxes) = steady_outboxes(70).await;
         // Socket 1 is full: its client never read, and the fan-out filled it.
         let big = frame(&"f".repeat(60_000));
-        while outboxes[1].push(big.clone()) == Push::Written {}
+        while fan_out(&outboxes[1], big.clone()) {}
         tokio::time::timeout(Duration::from_secs(1), outboxes[1].ready())
             .await
             .unwrap();
         for q in &outboxes {
-            assert!(matches!(q.push_corked(frame("a")), Push::Owed { .. }));
-            assert!(matches!(q.push_corked(frame("bc")), Push::Owed { .. }));
+            assert!(matches!(q.push(frame("a")), Push::Owed { .. }));
+            assert!(matches!(q.push(frame("bc")), Push::Owed { .. }));
         }
         if batched {
             let busy = outboxes[2].lock();
@@ -293,8 +304,8 @@ async fn write_all_writes_every_socket_and_leaves_the_rest_to_their_sessions() {
 async fn a_large_batch_is_split_with_the_writer_thread_and_written_whole() {
     let (mut clients, outboxes) = steady_outboxes(20).await;
     for q in &outboxes {
-        assert!(matches!(q.push_corked(frame("a")), Push::Owed { .. }));
-        assert!(matches!(q.push_corked(frame("bc")), Push::Owed { .. }));
+        assert!(matches!(q.push(frame("a")), Push::Owed { .. }));
+        assert!(matches!(q.push(frame("bc")), Push::Owed { .. }));
     }
     batch::testing::write_all_split(&outboxes, 8);
     // Returned: both halves are written, nothing is owed anywhere.
