@@ -346,19 +346,18 @@ impl Session {
     ) -> Result<(), End> {
         // Subscriptions at connect: the personal channel, then what the query named. Room
         // for exactly those: most sessions never subscribe to more.
-        let mut refused = Vec::new();
-        self.channels.reserve_exact(1);
-        if let Err(e) = self.add_channel(self.personal.clone()) {
-            refused.push((self.personal.to_string(), e));
-        }
-        let personal = self.personal.to_string();
         let defaults = requested.is_empty();
         let requested = if defaults {
             self.node.config.default_channels.clone()
         } else {
             requested
         };
-        self.channels.reserve_exact(requested.len());
+        self.channels.reserve_exact(1 + requested.len());
+        let mut refused = Vec::new();
+        let personal = self.personal.to_string();
+        if let Err(e) = self.add_channel(self.personal.clone()) {
+            refused.push((personal.clone(), e));
+        }
         let mut joined = Vec::new();
         for channel in requested {
             // The client did not ask for the defaults: skip those its token does not allow.
